@@ -1,0 +1,1 @@
+"""hart_fast: fast, faithful HART text-to-image inference."""
