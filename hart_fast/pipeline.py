@@ -326,6 +326,8 @@ class HartPipeline:
             ratio = cfg_ratio(si, S)
             t = guidance_scale * ratio
             start, _ = slices[si]
+            if trace is not None:
+                trace[f"stage{si:02d}/x"] = x.clone()
             h = tr.forward_stage(x, si, block_mods, tr.stage_rope(si, pos2), cache, start)
             logits = cfg_combine(tr.logits(h, head_mod), t)
             if si == 0:

@@ -247,20 +247,22 @@ def sample_residual(
         x = noise_fn((N, C))
     else:
         x = noise_fn((N2, C))[:N]
-    x = x.to(z_2NZ.dtype)
-    dev = z_2NZ.device
+    # x and the update stay in float32 whatever the MLP's dtype (a no-op in float32).
+    x = x.float()
+    dev, dt = z_2NZ.device, net.input_proj.weight.dtype
     for s in reversed(range(sched.num_steps)):
         t_orig = sched.timestep_map[s]
         if guided:
-            out = net(torch.cat([x, x], dim=0), torch.full((N2,), t_orig, device=dev, dtype=torch.long), z_2NZ)
+            x_in = torch.cat([x, x], dim=0).to(dt)
+            out = net(x_in, torch.full((N2,), t_orig, device=dev, dtype=torch.long), z_2NZ).float()
             eps, var_values = out[:, :C], out[:, C:]
             eps_c, eps_u = eps[:N], eps[N:]
             eps_g = eps_c * (1 + cfg) - cfg * eps_u
             var_c = var_values[:N]
         else:
-            out = net(x, torch.full((N,), t_orig, device=dev, dtype=torch.long), z_2NZ[:N])
+            out = net(x.to(dt), torch.full((N,), t_orig, device=dev, dtype=torch.long), z_2NZ[:N]).float()
             eps_g, var_c = out[:, :C], out[:, C:]
-        noise = noise_fn((N2, C))[:N].to(dev, x.dtype)
+        noise = noise_fn((N2, C))[:N].to(dev, torch.float32)
         x = iddpm_step(x, eps_g, var_c, sched, s, noise, temperature)
     return x * VAE_SCALE
 

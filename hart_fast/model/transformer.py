@@ -305,5 +305,24 @@ class HartTransformer(nn.Module):
             x_BlC = block(x_BlC, mods[i], rope, cache, i, start, attn_mask)
         return x_BlC
 
+    def block_causal_bias(self, device, dtype=torch.float32) -> torch.Tensor:
+        """(L, L) additive mask of the training-time pass: a token sees its own and earlier scales."""
+        lvl = self.lvl_1L[0].to(device)
+        zero = torch.zeros((), device=device, dtype=dtype)
+        return torch.where(lvl[:, None] >= lvl[None, :], zero, torch.full_like(zero, -torch.inf))
+
+    def forward_full(self, x_BLC, mods, context_pos_BT):
+        """Teacher-forced pass over the whole sequence (context + every scale) at once.
+
+        Gives the same hidden states as the cached stage-by-stage loop; used to
+        check the cache and for training-style evaluation.
+        """
+        ropes = [self.stage_rope(si, context_pos_BT) for si in range(self.cfg.num_stages)]
+        rope = (torch.cat([r[0] for r in ropes], dim=1), torch.cat([r[1] for r in ropes], dim=1))
+        mask = self.block_causal_bias(x_BLC.device, x_BLC.dtype)
+        return self.forward_stage(x_BLC, -1, mods, rope, None, 0, attn_mask=mask)
+
     def logits(self, h_BlC, head_mod):
-        return self.head(self.head_nm(h_BlC.float(), head_mod).float()).float()
+        # As the official get_logits under autocast: the head norm runs in float32,
+        # the vocabulary projection in the weights' dtype, the logits in float32.
+        return self.head(self.head_nm(h_BlC.float(), head_mod).to(self.head.weight.dtype)).float()
