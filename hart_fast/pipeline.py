@@ -196,19 +196,7 @@ class HartPipeline:
                 )
             if prompt_mask.dtype != torch.bool and prompt_mask.dtype.is_floating_point:
                 raise ValueError(f"prompt_mask must be bool (or 0/1 integers), got {prompt_mask.dtype}")
-        _check_generator_arg("guidance_scale", guidance_scale, float)
-        if top_k is not None:
-            _check_generator_arg("top_k", top_k, int, lo=0)
-        _check_generator_arg("top_p", top_p, float, lo=0, hi=1, hi_open=True)
-        if isinstance(diffusion_steps, str):
-            self.schedule(diffusion_steps)
-        else:
-            _check_generator_arg("diffusion_steps", diffusion_steps, int, lo=1)
-            if diffusion_steps > 1000:
-                raise ValueError(f"diffusion_steps must be <= 1000 (the trained schedule), got {diffusion_steps}")
-        _check_generator_arg("diffusion_temperature", diffusion_temperature, float, lo=0)
-        if seed is not None:
-            _check_generator_arg("seed", seed, int, lo=0)
+        self.validate_options(guidance_scale, top_k, top_p, diffusion_steps, diffusion_temperature, seed)
         if output_type not in ("pt", "pil", "latent"):
             raise ValueError(f"output_type must be 'pt', 'pil' or 'latent', got {output_type!r}")
         if residual_latents is not None:
@@ -219,6 +207,28 @@ class HartPipeline:
                     f"residual_latents must have shape (B, L_last, Cvae) = {shape}, got "
                     f"{getattr(residual_latents, 'shape', type(residual_latents).__name__)}"
                 )
+
+    def validate_options(self, guidance_scale=4.5, top_k=None, top_p=0.0, diffusion_steps=None,
+                         diffusion_temperature=1.0, seed=0):
+        """Raise ValueError naming the first invalid sampling option."""
+        _check_generator_arg("guidance_scale", guidance_scale, float)
+        if top_k is not None:
+            _check_generator_arg("top_k", top_k, int, lo=0)
+        _check_generator_arg("top_p", top_p, float, lo=0, hi=1, hi_open=True)
+        if diffusion_steps is None:
+            pass
+        elif isinstance(diffusion_steps, str):
+            try:
+                self.schedule(diffusion_steps)
+            except ValueError as e:
+                raise ValueError(f"invalid diffusion_steps {diffusion_steps!r}: {e}") from e
+        else:
+            _check_generator_arg("diffusion_steps", diffusion_steps, int, lo=1)
+            if diffusion_steps > 1000:
+                raise ValueError(f"diffusion_steps must be <= 1000 (the trained schedule), got {diffusion_steps}")
+        _check_generator_arg("diffusion_temperature", diffusion_temperature, float, lo=0)
+        if seed is not None:
+            _check_generator_arg("seed", seed, int, lo=0)
 
     @torch.inference_mode()
     def generate(

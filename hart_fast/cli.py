@@ -1,0 +1,270 @@
+"""The `hart-fast` command: `generate` images from prompts, `info` about a model folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from typing import List, Optional
+
+import torch
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input from the command line: reported in one line, exit code 2."""
+
+
+def _read_prompts(args) -> List[str]:
+    prompts: List[str] = []
+    sources = list(args.prompts)
+    if args.file:
+        sources.append("@" + args.file)
+    if not sources and not sys.stdin.isatty():
+        sources = ["-"]
+    for src in sources:
+        if src == "-" or src.startswith("@"):
+            path = src[1:] if src.startswith("@") else None
+            try:
+                text = sys.stdin.read() if path is None else open(path, encoding="utf-8").read()
+            except OSError as e:
+                raise UsageError(f"cannot read prompts from {path}: {e.strerror}") from e
+            prompts += [line.strip() for line in text.splitlines() if line.strip()]
+        else:
+            prompts.append(src)
+    if not prompts:
+        raise UsageError("no prompts given: pass prompts as arguments, with --file FILE, or one per line on stdin")
+    return prompts
+
+
+def _plan_outputs(out: str, count: int, grid: bool) -> List[str]:
+    """The file names to write, checked writable before anything is generated."""
+    as_file = out.lower().endswith(".png")
+    if as_file:
+        folder = os.path.dirname(os.path.abspath(out))
+        if os.path.isdir(out):
+            raise UsageError(f"--out {out!r} is a folder; a .png name must be a file")
+        if not os.path.isdir(folder):
+            raise UsageError(f"cannot write {out!r}: folder {folder!r} does not exist")
+        stem = out[:-4]
+        names = [out] if (grid or count == 1) else [f"{stem}-{i:03d}.png" for i in range(count)]
+    else:
+        folder = out
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UsageError(f"--out {out!r} exists and is not a folder")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create output folder {out!r}: {e.strerror}") from e
+        names = [os.path.join(folder, "grid.png")] if grid else [os.path.join(folder, f"{i:06d}.png") for i in range(count)]
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write to {folder!r}: permission denied")
+    # A real probe: access() can say yes where the write still fails (read-only mounts).
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".hart-fast-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"cannot write to {folder!r}: {e.strerror}") from e
+    return names
+
+
+def save_png(image, path: str, text: dict) -> None:
+    """Write atomically: a temporary name in the same folder, renamed when complete."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in text.items():
+        info.add_itxt(k, v)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".hart-fast-", suffix=".png.part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a PNG gets the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def make_grid(images: List, ncols: Optional[int] = None):
+    from PIL import Image
+
+    n = len(images)
+    ncols = ncols or min(n, max(1, int(round(n ** 0.5 + 0.4999))))
+    nrows = -(-n // ncols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (ncols * w, nrows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % ncols) * w, (i // ncols) * h))
+    return grid
+
+
+def cmd_generate(args) -> int:
+    import hart_fast
+    from hart_fast.api import GenerationSettings, iter_generate, load_pipeline, model_name, resolve_model_path
+    from hart_fast.pipeline import to_pil
+
+    prompts = _read_prompts(args)
+    if args.n < 1:
+        raise UsageError(f"-n must be >= 1, got {args.n}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    settings = GenerationSettings(
+        guidance_scale=args.cfg, seed=args.seed, top_k=args.top_k, top_p=args.top_p,
+        more_smooth=not args.no_more_smooth, residual_diffusion=not args.no_residual,
+        diffusion_steps=args.diffusion_steps, diffusion_temperature=args.diffusion_temperature,
+        use_system_prompt=not args.no_system_prompt,
+    )
+    count = len(prompts) * args.n
+    names = _plan_outputs(args.out, count, args.grid)
+    model_path = resolve_model_path(args.model)
+    name = model_name(model_path)
+    print(f"hart-fast: model {name}", file=sys.stderr)
+    try:
+        pipe = load_pipeline(model_path, args.device, args.dtype)
+        pipe.validate_options(settings.guidance_scale, settings.top_k, settings.top_p, settings.diffusion_steps,
+                              settings.diffusion_temperature, settings.seed)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise UsageError(str(e)) from e
+
+    from tqdm import tqdm
+
+    n_batches = -(-count // args.batch_size)
+    bar = tqdm(total=n_batches, unit="batch", desc="generating", file=sys.stderr, disable=args.quiet)
+    grid_images, written = [], []
+    base = {
+        "model": name, "hart_fast_version": hart_fast.__version__, "device": args.device, "dtype": args.dtype,
+        "batch_size": args.batch_size, "images_per_prompt": args.n, **settings.as_dict(),
+    }
+    try:
+        for batch in iter_generate(prompts, model=pipe, text_encoder=args.text_encoder, batch_size=args.batch_size,
+                                   images_per_prompt=args.n, settings=settings):
+            pil = to_pil(batch.images)
+            batch_prompts = [prompts[i] for i in batch.prompt_indices]
+            for j, (img, pi) in enumerate(zip(pil, batch.prompt_indices)):
+                k = batch.index * args.batch_size + j
+                meta = {**base, "prompt": prompts[pi], "batch_seed": batch.seed, "index_in_batch": j,
+                        "batch_prompts": batch_prompts}
+                text = {
+                    "prompt": prompts[pi],
+                    "parameters": (
+                        f"{prompts[pi]}\nSteps: {settings.diffusion_steps or 'config'}, CFG scale: {settings.guidance_scale}, "
+                        f"Seed: {batch.seed}, Model: {name}, Size: {img.size[0]}x{img.size[1]}"
+                    ),
+                    "hart_fast": json.dumps(meta, sort_keys=True),
+                }
+                if args.grid:
+                    grid_images.append(img)
+                else:
+                    save_png(img, names[k], text)
+                    written.append(names[k])
+            bar.update(1)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    finally:
+        bar.close()
+    if args.grid:
+        grid_meta = {**base, "prompts": prompts}
+        save_png(make_grid(grid_images), names[0], {"prompt": "\n".join(prompts), "hart_fast": json.dumps(grid_meta, sort_keys=True)})
+        written.append(names[0])
+    for path in written:
+        print(path)
+    return 0
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def cmd_info(args) -> int:
+    from hart_fast import ops
+    from hart_fast.api import model_name, resolve_model_path
+    from hart_fast.pipeline import load_models
+
+    path = resolve_model_path(args.model_dir)
+    try:
+        tr, tok, info = load_models(path, use_ema=None)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    c = tr.cfg
+    k = tok.cfg
+    n_mlp = _count(tr.diffloss)
+    lines = [
+        f"model:        {model_name(path)}",
+        f"weights:      {info.weights_file}{' (EMA)' if info.used_ema else ''}",
+        f"tokenizer:    {info.tokenizer_dir}",
+        f"transformer:  depth {c.depth}, width {c.embed_dim}, {c.num_heads} heads x {c.head_dim}, "
+        f"mlp {c.mlp_type} ({c.ffn_hidden}), context {c.context_token} x {c.context_dim}",
+        f"scales:       {list(c.patch_nums)} ({c.total_tokens} tokens with context)",
+        f"AdaLN:        {'off' if c.disable_aln and not c.shared_aln else ('shared' if c.shared_aln else c.sep_aln_pooling_mode)}",
+        f"diffusion:    MLP width {c.diff_width}, depth {c.diff_depth}, {c.num_sampling_steps} IDDPM steps",
+        f"vae:          vocab {k.vocab_size} x {k.Cvae}, ch {k.ch} x {list(k.ch_mult)}, "
+        f"image {c.patch_nums[-1] * k.downsample}px, encoder {'yes' if tok.has_encoder else 'no (decode-only)'}",
+        f"parameters:   transformer {(_count(tr) - n_mlp) / 1e6:.2f}M, diffusion MLP {n_mlp / 1e6:.2f}M, "
+        f"tokenizer {_count(tok) / 1e6:.2f}M",
+    ]
+    lines += ops.describe_backends() if hasattr(ops, "describe_backends") else [
+        f"kernels:      compiled extension {'loaded' if getattr(ops, 'HAS_EXTENSION', False) else 'not available (PyTorch reference ops)'}"
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hart-fast", description="Fast, faithful HART text-to-image generation.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate images from prompts")
+    g.add_argument("prompts", nargs="*", help="prompts; '-' reads one per line from stdin")
+    g.add_argument("--file", "-f", help="read prompts from a file, one per line")
+    g.add_argument("--model", help="HART model folder (default: $HART_FAST_MODEL, else the embedded demo model)")
+    g.add_argument("--text-encoder", help="Qwen2 text encoder folder (default: $HART_FAST_TEXT_ENCODER or the model's own)")
+    g.add_argument("--out", "-o", default="outputs", help="output folder, or a .png file name (default: outputs/)")
+    g.add_argument("--grid", action="store_true", help="write one grid image instead of one file per image")
+    g.add_argument("-n", type=int, default=1, help="images per prompt (default 1)")
+    g.add_argument("--batch-size", type=int, default=4, help="images per model batch (default 4)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first batch; batch b uses seed+b (default 0)")
+    g.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
+    g.add_argument("--top-k", type=int, default=None, help="top-k for every stage (default: official 600/300 schedule)")
+    g.add_argument("--top-p", type=float, default=0.0, help="top-p (default 0: off)")
+    g.add_argument("--no-more-smooth", action="store_true", help="hard code embeddings instead of Gumbel smoothing")
+    g.add_argument("--no-residual", action="store_true", help="skip the residual diffusion (discrete tokens only)")
+    g.add_argument("--diffusion-steps", type=int, default=None, help="residual diffusion steps (default: the model's, 8)")
+    g.add_argument("--diffusion-temperature", type=float, default=1.0)
+    g.add_argument("--no-system-prompt", action="store_true", help="encode prompts without the LLM system prompt")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, float32 on CPU)")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+    i = sub.add_parser("info", help="describe a model folder and the active kernels")
+    i.add_argument("model_dir", nargs="?", default=None, help="HART model folder (default: as for generate)")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="hart-fast: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "dtype", "x") is None:
+        args.dtype = "float16" if str(args.device).startswith("cuda") else "float32"
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"hart-fast: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("hart-fast: interrupted (no partial files were left)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
