@@ -1,0 +1,47 @@
+// Torch-facing half of the CUDA norm + modulation ops: argument checks,
+// allocation and the current stream.  Compiled by the host compiler; the
+// kernel itself is in norm_modulate_kernel.cu.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../tensor_args.h"
+#include "launchers.h"
+
+namespace hart_fast::ops {
+namespace {
+
+at::Tensor run(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+               const std::optional<at::Tensor>& shift, double eps, bool layer_norm) {
+  // Allocations and the kernel must target x's device, whatever is current.
+  const c10::cuda::CUDAGuard guard(x.device());
+  NormModulateArgs a = prepare_norm_modulate(op, x, weight, bias, scale, shift, eps, layer_norm);
+  C10_CUDA_CHECK(gpu::launch_norm_modulate(a.params, layer_norm,
+                                           c10::cuda::getCurrentCUDAStream().stream()));
+  return a.out;
+}
+
+at::Tensor rms_norm_modulate_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& scale,
+                                  const std::optional<at::Tensor>& shift, double eps) {
+  return run("rms_norm_modulate", x, weight, std::nullopt, scale, shift, eps, false);
+}
+
+at::Tensor layer_norm_modulate_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::Tensor>& bias,
+                                    const std::optional<at::Tensor>& scale,
+                                    const std::optional<at::Tensor>& shift, double eps) {
+  return run("layer_norm_modulate", x, weight, bias, scale, shift, eps, true);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hart_fast, CUDA, m) {
+  m.impl("rms_norm_modulate", &rms_norm_modulate_cuda);
+  m.impl("layer_norm_modulate", &layer_norm_modulate_cuda);
+}
+
+}  // namespace hart_fast::ops

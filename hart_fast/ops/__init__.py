@@ -1,0 +1,52 @@
+"""Fused kernels of hart_fast with pure-PyTorch references.
+
+Every op comes as a pair:
+
+* ``<op>(...)`` validates its arguments (``TypeError`` / ``ValueError`` naming
+  the argument, its shape, dtype and device) and calls the compiled kernel
+  ``torch.ops.hart_fast.<op>``;
+* ``<op>_reference(...)`` is the plain PyTorch definition of the semantics
+  (the official HART code path).  It is the ground truth of the tests and the
+  fallback used when the compiled extension is unavailable.
+
+``HAS_EXTENSION`` says whether ``hart_fast._C`` was importable;
+``HAS_CUDA_KERNELS`` whether it was built with its CUDA kernels.  The wrappers
+read these module attributes at call time, so tests can monkeypatch them to
+exercise the fallback path.
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (loads libtorch, which hart_fast._C links against)
+
+try:
+    from hart_fast import _C  # noqa: F401  (loading it registers torch.ops.hart_fast.*)
+except ImportError as _err:  # not built, or built against another torch
+    HAS_EXTENSION = False
+    HAS_CUDA_KERNELS = False
+    EXTENSION_IMPORT_ERROR: ImportError | None = _err
+else:
+    HAS_EXTENSION = True
+    HAS_CUDA_KERNELS = bool(getattr(_C, "CUDA_ENABLED", 0))
+    EXTENSION_IMPORT_ERROR = None
+    from hart_fast.ops import _meta  # noqa: F401  (fake kernels for torch.compile)
+
+from hart_fast.ops.norm import (  # noqa: E402
+    layer_norm_modulate,
+    layer_norm_modulate_reference,
+    rms_norm_modulate,
+    rms_norm_modulate_reference,
+)
+from hart_fast.ops.vq import vq_nearest_code, vq_nearest_code_reference  # noqa: E402
+
+__all__ = [
+    "HAS_CUDA_KERNELS",
+    "HAS_EXTENSION",
+    "EXTENSION_IMPORT_ERROR",
+    "layer_norm_modulate",
+    "layer_norm_modulate_reference",
+    "rms_norm_modulate",
+    "rms_norm_modulate_reference",
+    "vq_nearest_code",
+    "vq_nearest_code_reference",
+]

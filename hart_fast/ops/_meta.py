@@ -1,0 +1,28 @@
+"""Fake (meta) kernels of the hart_fast ops.
+
+torch.compile traces ops with FakeTensors; these functions describe each op's
+output (shape, dtype, device, layout) without computing it.  They must agree
+with the C++ kernels: the output of the norms is a new contiguous tensor of
+x's shape and dtype, the output of vq_nearest_code an int64 vector of length N.
+Argument checking is left to the real kernels and the Python wrappers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.register_fake("hart_fast::rms_norm_modulate")
+def _rms_norm_modulate_fake(x, weight, scale, shift, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("hart_fast::layer_norm_modulate")
+def _layer_norm_modulate_fake(x, weight, bias, scale, shift, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("hart_fast::vq_nearest_code")
+def _vq_nearest_code_fake(z, codebook):
+    torch._check(z.dim() == 2, lambda: "vq_nearest_code: z must be 2-D (N, C).")
+    return z.new_empty((z.shape[0],), dtype=torch.int64)
