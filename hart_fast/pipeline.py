@@ -140,7 +140,8 @@ class HartPipeline:
     """A loaded HART model (transformer + tokenizer) on one device and dtype."""
 
     def __init__(self, transformer: HartTransformer, tokenizer: HartTokenizer,
-                 device="cpu", dtype=torch.float32, info: Optional[ModelInfo] = None):
+                 device="cpu", dtype=torch.float32, info: Optional[ModelInfo] = None,
+                 fast: Optional[bool] = None):
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype)
         # Inference only: no parameter needs a gradient.
@@ -148,16 +149,36 @@ class HartPipeline:
         self.tokenizer = tokenizer.to(self.device, self.dtype).eval().requires_grad_(False)
         self.info = info
         self._schedules: Dict[str, RespacedSchedule] = {}
+        # fast: the kernel path (hart_fast.engine); None = on whenever the compiled
+        # extension is available. The reference path stays the ground truth.
+        from hart_fast import ops
+
+        self.fast = ops.HAS_EXTENSION if fast is None else bool(fast)
+        self._engine = None
+
+    @property
+    def engine(self):
+        """The FastEngine of this pipeline (static buffers, CUDA graphs), built on first use."""
+        if self._engine is None:
+            from hart_fast.engine import FastEngine
+
+            self._engine = FastEngine(self)
+        return self._engine
 
     @classmethod
-    def from_pretrained(cls, model_dir, device="cpu", dtype=torch.float32, use_ema: Optional[bool] = None):
-        """Load an official HART folder (holding llm/ and tokenizer/). Nothing is downloaded."""
+    def from_pretrained(cls, model_dir, device="cpu", dtype=torch.float32, use_ema: Optional[bool] = None,
+                        fast: Optional[bool] = None):
+        """Load an official HART folder (holding llm/ and tokenizer/). Nothing is downloaded.
+
+        fast: run the kernel path (default: when the compiled extension is available);
+        False runs the plain-PyTorch reference loop.
+        """
         dtype = parse_dtype(dtype)
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {device} requested but CUDA is not available on this machine")
         transformer, tokenizer, info = load_models(model_dir, use_ema)
-        return cls(transformer, tokenizer, device, dtype, info)
+        return cls(transformer, tokenizer, device, dtype, info, fast=fast)
 
     @property
     def config(self) -> TransformerConfig:
@@ -264,7 +285,8 @@ class HartPipeline:
             diffusion_steps = self.config.num_sampling_steps
         self._validate(prompt_embeds, prompt_mask, guidance_scale, top_k, top_p, diffusion_steps,
                        diffusion_temperature, residual_latents, output_type, seed)
-        f_hat = self._run(
+        run = self.engine.run if self.fast else self._run
+        f_hat = run(
             prompt_embeds, prompt_mask, guidance_scale=guidance_scale, seed=seed, top_k=top_k, top_p=top_p,
             more_smooth=more_smooth, residual_diffusion=residual_diffusion, diffusion_steps=diffusion_steps,
             diffusion_temperature=diffusion_temperature, residual_latents=residual_latents,

@@ -9,10 +9,43 @@ HART_FAST_REQUIRE_EXTENSION=1 (CI) turns that into a failure.
 
 from __future__ import annotations
 
+import glob
 import os
+import sys
 
 import pytest
 import torch
+
+
+def _use_installed_extension() -> None:
+    """Borrow the installed hart_fast._C when the checkout has none.
+
+    `python -m pytest` imports hart_fast from the checkout.  After a regular
+    (non-editable) `pip install --no-build-isolation .`, as in CI, the compiled
+    _C exists only in site-packages, so the checkout's hart_fast would fall
+    back to the references and every kernel test would skip.  We therefore
+    load the installed _C under its own name; the Python code under test stays
+    the checkout's.  With an editable install (or build_ext --inplace) the
+    checkout has _C and nothing happens here.
+    """
+    import importlib.util
+
+    repo = os.path.realpath(os.path.join(os.path.dirname(__file__), os.pardir))
+    if "hart_fast._C" in sys.modules or glob.glob(os.path.join(repo, "hart_fast", "_C*.so")):
+        return
+    for entry in sys.path:
+        if not entry or os.path.realpath(entry) == repo:
+            continue
+        found = glob.glob(os.path.join(entry, "hart_fast", "_C*.so"))
+        if found:
+            spec = importlib.util.spec_from_file_location("hart_fast._C", found[0])
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)  # registers torch.ops.hart_fast.*
+            sys.modules["hart_fast._C"] = module
+            return
+
+
+_use_installed_extension()
 
 NO_CUDA_REASON = "no CUDA device on this machine (CUDA kernels are tested on the GPU device machine)"
 
@@ -39,9 +72,8 @@ def requires_extension():
         "hart_fast._C is not built (pip install --no-build-isolation -e .): "
         f"{ops.EXTENSION_IMPORT_ERROR}"
     )
-    if os.environ.get("HART_FAST_REQUIRE_EXTENSION") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
+    # Not a hardware limitation, so never a skip: the README's install builds it.
+    pytest.fail(message)
 
 
 @pytest.fixture

@@ -44,10 +44,12 @@ if not os.path.isdir(REF):  # not a hardware skip: the reference data must be pr
 STAGES = 6
 
 
-@pytest.fixture(scope="module")
-def pipe():
+@pytest.fixture(scope="module", params=["reference", "fast"])
+def pipe(request):
+    """Both generation paths must reproduce the official outputs: the plain-PyTorch
+    reference loop and the kernel path (hart_fast.engine, compiled ops when built)."""
     torch.manual_seed(0)
-    return HartPipeline.from_pretrained(REF, device="cpu", dtype=torch.float32)
+    return HartPipeline.from_pretrained(REF, device="cpu", dtype=torch.float32, fast=request.param == "fast")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,8 @@ def run(pipe, inputs, outputs, **kw):
                 residual_diffusion=False, diffusion_steps="8", diffusion_temperature=1.0,
                 residual_latents=None, token_sampler=forced_sampler(outputs))
     args.update(kw)
-    f_hat = pipe._run(inputs["context"], inputs["context_mask"], trace=trace, **args)
+    run = pipe.engine.run if pipe.fast else pipe._run
+    f_hat = run(inputs["context"], inputs["context_mask"], trace=trace, **args)
     return trace, f_hat
 
 

@@ -1,0 +1,188 @@
+"""One-shot benchmark report for a GPU session: prints a table, writes JSON.
+
+    python bench/report.py --out $OUT/report.json [--quick]
+
+Every figure is the median of repeats (default 5) with device synchronisation,
+random weights at the real HART 0.7B / 1024px shapes, fp16 unless stated. Each
+section runs on its own; a failing section is reported and the rest still run.
+Copy the printed table into BENCHMARKS.md with the card name it prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from hart_shapes import REAL_LLM, REAL_TOK, ar_stage_times, median_ms, random_pipeline, random_prompts, table  # noqa: E402
+
+
+def section_ar(dev, dtype, batches, repeats):
+    rows = []
+    for B in batches:
+        for path in ("reference", "fast"):
+            pipe = random_pipeline(REAL_LLM, REAL_TOK, dev, dtype, fast=path == "fast")
+            t = ar_stage_times(pipe, B, repeats)
+            rows.append({"section": "AR transformer", "path": path, "batch": B, **t})
+            del pipe
+            torch.cuda.empty_cache()
+    return rows
+
+
+def section_end_to_end(dev, dtype, batches, repeats):
+    rows = []
+    for B in batches:
+        for path in ("reference", "fast"):
+            pipe = random_pipeline(REAL_LLM, REAL_TOK, dev, dtype, fast=path == "fast")
+            ctx, mask = random_prompts(pipe, B)
+            ms = median_ms(lambda: pipe.generate(ctx, mask, seed=0), dev, repeats)
+            rows.append({"section": "end-to-end", "path": path, "batch": B, "ms": ms, "ms_per_image": ms / B})
+            del pipe
+            torch.cuda.empty_cache()
+    return rows
+
+
+def section_attention(dev, dtype, repeats):
+    from hart_fast import ops
+
+    rows = []
+    H, d = 24, 64
+    kv = 300
+    for pn in REAL_LLM["patch_nums"][1:]:
+        lq = pn * pn
+        kv += lq
+        for B in (2, 16):
+            q = torch.randn(B, H, lq, d, device=dev, dtype=dtype)
+            k = torch.randn(B, H, kv, d, device=dev, dtype=dtype)
+            v = torch.randn_like(k)
+            scale = 0.25 / d ** 0.5
+            row = {"section": "attention", "queries": lq, "keys": kv, "batch(2xCFG)": B}
+            for name in ("ours", "sdpa", "flash"):
+                try:
+                    ms = median_ms(lambda: ops.attention(q, k, v, kv, scale, backend=name if name != "ours" else "hart"),
+                                   dev, repeats)
+                except Exception as e:  # backend missing (flash-attn not installed) or refused
+                    ms = float("nan")
+                    row[f"{name}_error"] = type(e).__name__
+                row[f"{name}_ms"] = ms
+            flops = 4 * B * H * lq * kv * d
+            row["best_TFLOPs"] = flops / (min(x for x in (row["ours_ms"], row["sdpa_ms"]) if x == x) * 1e-3) / 1e12
+            rows.append(row)
+    return rows
+
+
+def section_diffusion(dev, dtype, batches, repeats):
+    from hart_fast.model.diffusion import RespacedSchedule, sample_residual
+
+    try:
+        from hart_fast.model.diffusion_fast import sample_residual_fast
+    except ImportError:
+        sample_residual_fast = None
+    rows = []
+    pipe = random_pipeline(REAL_LLM, REAL_TOK, dev, dtype, fast=False)
+    net = pipe.transformer.diffloss.net
+    sched = RespacedSchedule.build("8")
+    for B in batches:
+        N = B * 64 * 64
+        z = torch.randn(2 * N, 1536, device=dev, dtype=dtype)
+        noise = lambda shape: torch.randn(*shape, device=dev)  # noqa: E731
+        with torch.inference_mode():
+            ref = median_ms(lambda: sample_residual(net, z, 3.6, sched, noise_fn=noise), dev, repeats)
+            row = {"section": "residual diffusion", "batch": B, "reference_ms": ref}
+            if sample_residual_fast is not None:
+                for graph in (False, True):
+                    row[f"fast{'_graph' if graph else ''}_ms"] = median_ms(
+                        lambda: sample_residual_fast(net, z, 3.6, sched, 1.0, None, noise, cuda_graph=graph), dev, repeats)
+        rows.append(row)
+    return rows
+
+
+def section_vae(dev, dtype, batches, repeats):
+    try:
+        from hart_fast.model.vae_fast import fhat_to_img_fast
+    except ImportError:
+        fhat_to_img_fast = None
+    rows = []
+    pipe = random_pipeline(REAL_LLM, REAL_TOK, dev, dtype, fast=False)
+    tok = pipe.tokenizer
+    torch.backends.cudnn.benchmark = True
+    for B in batches:
+        f = torch.randn(B, 32, 64, 64, device=dev, dtype=dtype)
+        with torch.inference_mode():
+            row = {"section": "VAE decode", "batch": B, "reference_ms": median_ms(lambda: tok.fhat_to_img(f), dev, repeats)}
+            if fhat_to_img_fast is not None:
+                for cl in (False, True):
+                    row[f"fast{'_cl' if cl else ''}_ms"] = median_ms(
+                        lambda: fhat_to_img_fast(tok, f, channels_last=cl), dev, repeats)
+        rows.append(row)
+    return rows
+
+
+def section_vq_glue(dev, dtype, repeats):
+    try:
+        from hart_fast.ops.vq_glue import next_scale_input_fast
+    except ImportError:
+        next_scale_input_fast = None
+    pipe = random_pipeline(REAL_LLM, REAL_TOK, dev, dtype, fast=False)
+    tok, pns = pipe.tokenizer, REAL_LLM["patch_nums"]
+
+    def run(fn):
+        f_hat = torch.zeros(1, 32, 64, 64, device=dev)
+        for si, pn in enumerate(pns[:-1]):
+            h = torch.randn(1, 32, pn, pn, device=dev, dtype=dtype)
+            f_hat, _ = fn(tok, si, pns, f_hat, h)
+
+    with torch.inference_mode():
+        row = {"section": "VQ glue (13 stages)", "batch": 1,
+               "reference_ms": median_ms(lambda: run(lambda t, *a: t.next_scale_input(*a)), dev, repeats)}
+        if next_scale_input_fast is not None:
+            row["fast_ms"] = median_ms(lambda: run(next_scale_input_fast), dev, repeats)
+    return [row]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats")
+    p.add_argument("--sections", default="attention,ar,diffusion,vae,vq,e2e")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("report.py needs a CUDA device", file=sys.stderr)
+        return 2
+    dev, dtype = "cuda", torch.float16
+    batches = [1] if args.quick else [1, 8]
+    repeats = 3 if args.quick else args.repeats
+    card = torch.cuda.get_device_name()
+    print(f"# card: {card}, torch {torch.__version__}, dtype fp16, median of {repeats}")
+    sections = {
+        "attention": lambda: section_attention(dev, dtype, repeats),
+        "ar": lambda: section_ar(dev, dtype, batches, repeats),
+        "diffusion": lambda: section_diffusion(dev, dtype, batches, repeats),
+        "vae": lambda: section_vae(dev, dtype, batches, repeats),
+        "vq": lambda: section_vq_glue(dev, dtype, repeats),
+        "e2e": lambda: section_end_to_end(dev, dtype, batches, repeats),
+    }
+    report = {"card": card, "torch": torch.__version__, "dtype": "fp16", "repeats": repeats, "sections": {}}
+    for name in args.sections.split(","):
+        try:
+            rows = sections[name]()
+            report["sections"][name] = rows
+            print(f"\n## {name}\n" + table(rows), flush=True)
+        except Exception:
+            report["sections"][name] = {"error": traceback.format_exc()}
+            print(f"\n## {name}: FAILED\n{traceback.format_exc()}", flush=True)
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""The fast generation loop: the reference loop's semantics on hart_fast's kernels.
+
+What changes against `HartPipeline._run` (the reference), and why:
+
+- Static state per batch size: the KV cache (both CFG halves, the whole
+  sequence) and the per-stage input/output buffers are allocated once and reused
+  by every later call with the same batch size.
+- Per block: fused RMSNorm + AdaLN modulate (`rms_norm_modulate`), the qkv
+  projection's epilogue fused with RoPE and the cache append (`qkv_rope_cache`),
+  and attention over the cache (`ms_attention`, or SDPA / flash-attn where the
+  crossover table says they win). RoPE tables are computed once per stage.
+- On CUDA each stage's transformer pass (all blocks + the head) is captured in a
+  CUDA graph per batch size and replayed: the small stages are launch-bound.
+  Sampling, the VQ glue and the residual diffusion run between the replays, with
+  no host synchronisation anywhere in the loop.
+
+Everything else (CFG ramp, top-k schedule, Gumbel smoothing, the residual
+diffusion) is shared with the reference so the two paths differ only in
+floating-point association (tests compare them).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from hart_fast import ops
+from hart_fast.model.transformer import AdaLNSelfAttn, FFN, HartTransformer, LlamaMLP
+from hart_fast.sampling import cfg_combine, cfg_ratio, gumbel_mix, multinomial_sample, official_top_k
+
+
+def _attention(q, k_cache, v_cache, kv_len: int, scale: float) -> torch.Tensor:
+    """(B, H, lq, d) against the first kv_len cached keys -> (B, lq, H*d)."""
+    attn = getattr(ops, "attention", None)
+    if attn is not None:
+        return attn(q, k_cache, v_cache, kv_len, scale)
+    B, H, lq, d = q.shape
+    out = F.scaled_dot_product_attention(q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], scale=scale)
+    return out.transpose(1, 2).reshape(B, lq, H * d)
+
+
+def _qkv_rope_cache(qkv, cos, sin, k_cache, v_cache, start: int, scale_mul, H: int, d: int):
+    op = getattr(ops, "qkv_rope_cache", None)
+    if op is not None:
+        return op(qkv, None, cos, sin, k_cache, v_cache, start, scale_mul)
+    from hart_fast.model.transformer import apply_rope
+
+    B, l, _ = qkv.shape
+    q, k, v = qkv.view(B, l, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    if scale_mul is not None:
+        q = F.normalize(q, dim=-1).mul(scale_mul.view(1, H, 1, 1))
+        k = F.normalize(k, dim=-1)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_cache[:, :, start:start + l] = k
+    v_cache[:, :, start:start + l] = v
+    return q
+
+
+class _BlockWeights:
+    """A block's weights in the form the fused path wants (views, no copies)."""
+
+    def __init__(self, block: AdaLNSelfAttn):
+        a = block.attn
+        self.block = block
+        self.norm_w = block.ln_wo_grad.weight
+        self.eps = block.ln_wo_grad.eps
+        self.qkv_w = a.qkv_proj.weight
+        self.qkv_b = torch.cat((a.q_bias, a.zero_k_bias, a.v_bias))
+        self.proj = a.proj
+        self.scale = a.scale
+        self.H, self.d = a.H, a.d
+        self.scale_mul = (
+            a.scale_mul_1H11.clamp_max(a.max_scale_mul).exp().reshape(-1).contiguous() if a.attn_l2_norm else None
+        )
+        self.ffn = block.ffn
+
+
+def _ffn(ffn, h):
+    if isinstance(ffn, FFN):
+        return ffn.fc2(F.gelu(ffn.fc1(h), approximate="tanh"))
+    assert isinstance(ffn, LlamaMLP)
+    return ffn.down_proj(F.silu(ffn.gate_proj(h)) * ffn.up_proj(h))
+
+
+class StageState:
+    """Static buffers of one batch size: KV cache, stage inputs, RoPE tables, graphs."""
+
+    def __init__(self, tr: HartTransformer, B2: int, device, dtype):
+        cfg = tr.cfg
+        H, d, S = cfg.num_heads, cfg.head_dim, cfg.total_tokens
+        self.k = [torch.empty(B2, H, S, d, device=device, dtype=dtype) for _ in range(cfg.depth)]
+        self.v = [torch.empty(B2, H, S, d, device=device, dtype=dtype) for _ in range(cfg.depth)]
+        slices = tr.stage_slices()
+        self.x = [torch.empty(B2, e - s, cfg.embed_dim, device=device, dtype=dtype) for s, e in slices]
+        self.cos = [torch.empty(B2, e - s, d, device=device, dtype=torch.float32) for s, e in slices]
+        self.sin = [torch.empty(B2, e - s, d, device=device, dtype=torch.float32) for s, e in slices]
+        self.mods: Optional[List] = None
+        self.head_mod: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
+        self.out: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+class FastEngine:
+    """Runs HART generation for a pipeline with fused kernels and static buffers."""
+
+    def __init__(self, pipe, use_cuda_graphs: Optional[bool] = None):
+        self.pipe = pipe
+        tr = pipe.transformer
+        self.tr = tr
+        self.blocks = [_BlockWeights(b) for b in tr.blocks]
+        self.states: Dict[int, StageState] = {}
+        on_cuda = pipe.device.type == "cuda"
+        self.use_cuda_graphs = on_cuda if use_cuda_graphs is None else (use_cuda_graphs and on_cuda)
+
+    # -- one transformer pass over a stage ---------------------------------------
+    def _block(self, bw: _BlockWeights, x, mod, cos, sin, st: StageState, layer: int, start: int, kv_len: int):
+        if mod is None:
+            scale1 = shift1 = scale2 = shift2 = gamma1 = gamma2 = None
+        else:
+            gamma1, gamma2, scale1, scale2, shift1, shift2 = mod
+        h = ops.rms_norm_modulate(x, bw.norm_w, scale1, shift1, bw.eps)
+        qkv = F.linear(h, bw.qkv_w, bw.qkv_b)
+        q = _qkv_rope_cache(qkv, cos, sin, st.k[layer], st.v[layer], start, bw.scale_mul, bw.H, bw.d)
+        a = bw.proj(_attention(q, st.k[layer], st.v[layer], kv_len, bw.scale))
+        x = x + (a if gamma1 is None else a.mul_(gamma1))
+        h = ops.rms_norm_modulate(x, bw.norm_w, scale2, shift2, bw.eps)
+        f = _ffn(bw.ffn, h)
+        return x + (f if gamma2 is None else f.mul(gamma2))
+
+    def _stage_forward(self, st: StageState, si: int):
+        start, end = self.tr.stage_slices()[si]
+        x = st.x[si]
+        for i, bw in enumerate(self.blocks):
+            x = self._block(bw, x, st.mods[i], st.cos[si], st.sin[si], st, i, start, end)
+        return x, self.tr.logits(x, st.head_mod)
+
+    def _run_stage(self, st: StageState, si: int):
+        if not self.use_cuda_graphs:
+            return self._stage_forward(st, si)
+        if si not in st.graphs:
+            # Warm up on a side stream (allocator pools, lazy inits), then capture.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._stage_forward(st, si)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                st.out[si] = self._stage_forward(st, si)
+            st.graphs[si] = graph
+        st.graphs[si].replay()
+        return st.out[si]
+
+    # -- the loop ---------------------------------------------------------------
+    def state(self, B2: int) -> StageState:
+        if B2 not in self.states:
+            self.states[B2] = StageState(self.tr, B2, self.pipe.device, self.pipe.dtype)
+        return self.states[B2]
+
+    @staticmethod
+    def _set_static(dst_list, values):
+        """Copy per-call tensors into static storage (graph inputs must keep their address)."""
+        out = []
+        for i, v in enumerate(values):
+            if v is None:
+                out.append(None)
+                continue
+            if dst_list is None or dst_list[i] is None:
+                out.append(tuple(t.clone() for t in v))
+            else:
+                for d_, s_ in zip(dst_list[i], v):
+                    d_.copy_(s_)
+                out.append(dst_list[i])
+        return out
+
+    def run(self, prompt_embeds, prompt_mask, *, guidance_scale, seed, top_k, top_p, more_smooth,
+            residual_diffusion, diffusion_steps, diffusion_temperature, residual_latents, token_sampler,
+            trace: Optional[dict] = None, diffusion_noise_fn=None):
+        pipe, tr, tok = self.pipe, self.tr, self.pipe.tokenizer
+        cfg = tr.cfg
+        dev, dt = pipe.device, pipe.dtype
+        B, T, _ = prompt_embeds.shape
+        S, P, Cvae = cfg.num_stages, cfg.patch_nums[-1], tok.Cvae
+        codebook = tok.quantize.embedding.weight
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        generator = torch.Generator(device=dev).manual_seed(seed)
+
+        context = prompt_embeds.to(dev, dt)
+        mask = (torch.ones(B, T, dtype=torch.bool) if prompt_mask is None else prompt_mask.bool()).to(dev)
+        pos = torch.cumsum(mask.long(), dim=1) - 1
+        pos2 = torch.cat((pos, torch.zeros_like(pos)), dim=0)
+        mask2 = torch.cat((mask, torch.zeros_like(mask)), dim=0)
+        mask2[B:, 0] = True
+
+        st = self.state(2 * B)
+        cond = tr.condition(context)
+        mods, head_mod = tr.modulations(cond, mask2)
+        st.mods = self._set_static(st.mods, mods)
+        st.head_mod = self._set_static([st.head_mod], [head_mod])[0]
+        for si in range(S):  # RoPE tables of every stage, once per call
+            cos, sin = tr.stage_rope(si, pos2)
+            st.cos[si].copy_(cos)
+            st.sin[si].copy_(sin)
+        lvl_pos = tr.level_embeddings()
+        slices = tr.stage_slices()
+        f_hat = torch.zeros(B, Cvae, P, P, device=dev, dtype=torch.float32)
+        st.x[0].copy_(cond + lvl_pos[:, :T])
+
+        for si, pn in enumerate(cfg.patch_nums):
+            last = si == S - 1
+            ratio = cfg_ratio(si, S)
+            t = guidance_scale * ratio
+            h, raw = self._run_stage(st, si)
+            if si == 0:
+                raw = raw[:, -1:]  # the 1x1 map comes from the last context position
+            k = official_top_k(si) if top_k is None else top_k
+            if token_sampler is None and hasattr(ops, "cfg_top_k_filter"):
+                logits = ops.cfg_top_k_filter(raw, t, k, top_p)
+                if trace is not None:
+                    trace[f"stage{si:02d}/logits"] = logits.clone()
+                idx_Bl = multinomial_sample(logits, generator)
+            else:
+                logits = cfg_combine(raw, t)
+                if trace is not None:
+                    trace[f"stage{si:02d}/logits"] = logits.clone()
+                idx_Bl = pipe._sample_codes(si, logits, top_k, top_p, token_sampler, generator)
+            if trace is not None:
+                trace[f"stage{si:02d}/idx"] = idx_Bl.clone()
+            h_BlC = gumbel_mix(logits, ratio, codebook.float(), generator) if more_smooth else codebook[idx_Bl].float()
+            if not last:
+                h_BChw = h_BlC.transpose(1, 2).reshape(B, Cvae, pn, pn)
+                f_hat, nxt = _next_scale_input(tok, si, cfg.patch_nums, f_hat, h_BChw.to(dt))
+                if trace is not None:
+                    trace[f"stage{si:02d}/f_hat"] = f_hat.clone()
+                    trace[f"stage{si:02d}/next_input_latent"] = nxt.clone()
+                s_next, e_next = slices[si + 1]
+                x_next = tr.word_embed(nxt.reshape(B, Cvae, -1).transpose(1, 2).to(dt)) + lvl_pos[:, s_next:e_next]
+                st.x[si + 1][:B].copy_(x_next)
+                st.x[si + 1][B:].copy_(x_next)
+                continue
+            tokens_BLC = h_BlC
+            if residual_diffusion:
+                discrete = tr.word_embed(codebook[idx_Bl])
+                z = tr.decoder_norm(h + torch.cat([discrete, discrete], dim=0))
+                if trace is not None:
+                    trace["diffusion/z"] = z.reshape(2 * B * P * P, -1).clone()
+                x_init = None if residual_latents is None else residual_latents.reshape(B * P * P, Cvae)
+                if diffusion_noise_fn is None:
+                    noise_gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+                    diffusion_noise_fn = lambda shape: torch.randn(*shape, generator=noise_gen).to(dev)  # noqa: E731
+                resid = _sample_residual(tr.diffloss.net, z.reshape(2 * B * P * P, -1), t,
+                                         pipe.schedule(diffusion_steps), diffusion_temperature, x_init,
+                                         diffusion_noise_fn, self.use_cuda_graphs)
+                resid = resid.float().view(B, P * P, Cvae)
+                if trace is not None:
+                    trace["residual"] = resid.clone()
+                tokens_BLC = h_BlC + resid
+            final = tokens_BLC.transpose(1, 2).reshape(B, Cvae, P, P)
+            if trace is not None:
+                trace["final_tokens"] = final.clone()
+            f_hat = f_hat + final
+        if trace is not None:
+            trace["f_hat_final"] = f_hat.clone()
+        return f_hat
+
+
+def _next_scale_input(tok, si, patch_nums, f_hat, h_BChw):
+    try:
+        from hart_fast.ops.vq_glue import next_scale_input_fast
+    except ImportError:
+        return tok.next_scale_input(si, patch_nums, f_hat, h_BChw)
+    return next_scale_input_fast(tok, si, patch_nums, f_hat, h_BChw)
+
+
+def _sample_residual(net, z, t, sched, temperature, x_init, noise_fn, cuda_graph):
+    try:
+        from hart_fast.model.diffusion_fast import sample_residual_fast
+    except ImportError:
+        from hart_fast.model.diffusion import sample_residual
+
+        return sample_residual(net, z, t, sched, temperature=temperature, x_init_NC=x_init, noise_fn=noise_fn)
+    return sample_residual_fast(net, z, t, sched, temperature, x_init, noise_fn, cuda_graph=cuda_graph)
+
+
+__all__ = ["FastEngine"]
