@@ -66,6 +66,9 @@ def check_device_dtype(device, dtype) -> Tuple[torch.device, torch.dtype]:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"device {device} requested but CUDA is not available on this machine; use --device cpu")
+        from hart_fast.device import check_driver_for_kernels
+
+        check_driver_for_kernels()
         if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             raise RuntimeError(f"{torch.cuda.get_device_name(device)} cannot run bfloat16; use float16 or float32")
     elif device.type == "cpu":

@@ -186,7 +186,7 @@ def _count(module) -> int:
 
 
 def cmd_info(args) -> int:
-    from hart_fast import ops
+    from hart_fast import device
     from hart_fast.api import model_name, resolve_model_path
     from hart_fast.pipeline import load_models
 
@@ -212,9 +212,7 @@ def cmd_info(args) -> int:
         f"parameters:   transformer {(_count(tr) - n_mlp) / 1e6:.2f}M, diffusion MLP {n_mlp / 1e6:.2f}M, "
         f"tokenizer {_count(tok) / 1e6:.2f}M",
     ]
-    lines += ops.describe_backends() if hasattr(ops, "describe_backends") else [
-        f"kernels:      compiled extension {'loaded' if getattr(ops, 'HAS_EXTENSION', False) else 'not available (PyTorch reference ops)'}"
-    ]
+    lines += device.describe()
     print("\n".join(lines))
     return 0
 

@@ -51,7 +51,7 @@ def _require_transformers():
         import transformers  # noqa: F401
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ImportError(
-            "the Qwen2 text encoder needs the 'transformers' package: pip install 'hart-fast[text]' "
+            "the Qwen2 text encoder needs the 'transformers' package (a dependency of hart-fast): pip install transformers "
             "(or pass precomputed prompt_embeds / your own text_encoder callable)"
         ) from e
 

@@ -272,3 +272,16 @@ def test_python_dash_m_and_console_entry(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "seeded random weights" in r.stderr  # says plainly which model made it
     assert "seeded random weights" in Image.open(out).text["hart_fast"]
+
+
+def test_device_description_and_driver_check(monkeypatch):
+    from hart_fast import device
+
+    lines = device.describe()
+    assert any(line.startswith("kernels:") for line in lines) and any("torch:" in line for line in lines)
+    if not torch.cuda.is_available():
+        assert any("none (CPU only)" in line for line in lines)
+    monkeypatch.setattr(device, "driver_cuda_version", lambda: 11020)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(RuntimeError, match="driver supports CUDA 11.2.*built for CUDA 13.0"):
+        device.check_driver_for_kernels()
