@@ -21,6 +21,7 @@ floating-point association (tests compare them).
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from hart_fast import ops
 from hart_fast.model.transformer import AdaLNSelfAttn, FFN, HartTransformer, LlamaMLP
+from hart_fast.pipeline import cfg_doubled_mask_and_positions, last_scale_tokens
 from hart_fast.sampling import cfg_combine, cfg_ratio, gumbel_mix, multinomial_sample, official_top_k
 
 
@@ -189,11 +191,7 @@ class FastEngine:
         generator = torch.Generator(device=dev).manual_seed(seed)
 
         context = prompt_embeds.to(dev, dt)
-        mask = (torch.ones(B, T, dtype=torch.bool) if prompt_mask is None else prompt_mask.bool()).to(dev)
-        pos = torch.cumsum(mask.long(), dim=1) - 1
-        pos2 = torch.cat((pos, torch.zeros_like(pos)), dim=0)
-        mask2 = torch.cat((mask, torch.zeros_like(mask)), dim=0)
-        mask2[B:, 0] = True
+        mask2, pos2 = cfg_doubled_mask_and_positions(prompt_mask, B, T, dev)
 
         st = self.state(2 * B)
         cond = tr.condition(context)
@@ -241,23 +239,13 @@ class FastEngine:
                 st.x[si + 1][:B].copy_(x_next)
                 st.x[si + 1][B:].copy_(x_next)
                 continue
-            tokens_BLC = h_BlC
-            if residual_diffusion:
-                discrete = tr.word_embed(codebook[idx_Bl])
-                z = tr.decoder_norm(h + torch.cat([discrete, discrete], dim=0))
-                if trace is not None:
-                    trace["diffusion/z"] = z.reshape(2 * B * P * P, -1).clone()
-                x_init = None if residual_latents is None else residual_latents.reshape(B * P * P, Cvae)
-                if diffusion_noise_fn is None:
-                    noise_gen = torch.Generator(device="cpu").manual_seed(seed + 1)
-                    diffusion_noise_fn = lambda shape: torch.randn(*shape, generator=noise_gen).to(dev)  # noqa: E731
-                resid = _sample_residual(tr.diffloss.net, z.reshape(2 * B * P * P, -1), t,
-                                         pipe.schedule(diffusion_steps), diffusion_temperature, x_init,
-                                         diffusion_noise_fn, self.use_cuda_graphs)
-                resid = resid.float().view(B, P * P, Cvae)
-                if trace is not None:
-                    trace["residual"] = resid.clone()
-                tokens_BLC = h_BlC + resid
+            sample_fn = functools.partial(_sample_residual, cuda_graph=self.use_cuda_graphs)
+            tokens_BLC = last_scale_tokens(
+                pipe, h, h_BlC, idx_Bl, t, seed, residual_diffusion=residual_diffusion,
+                diffusion_steps=diffusion_steps, diffusion_temperature=diffusion_temperature,
+                residual_latents=residual_latents, trace=trace, diffusion_noise_fn=diffusion_noise_fn,
+                sample_fn=sample_fn,
+            )
             final = tokens_BLC.transpose(1, 2).reshape(B, Cvae, P, P)
             if trace is not None:
                 trace["final_tokens"] = final.clone()
@@ -275,14 +263,14 @@ def _next_scale_input(tok, si, patch_nums, f_hat, h_BChw):
     return next_scale_input_fast(tok, si, patch_nums, f_hat, h_BChw)
 
 
-def _sample_residual(net, z, t, sched, temperature, x_init, noise_fn, cuda_graph):
+def _sample_residual(net, z, t, sched, *, temperature, x_init_NC, noise_fn, cuda_graph):
     try:
         from hart_fast.model.diffusion_fast import sample_residual_fast
     except ImportError:
         from hart_fast.model.diffusion import sample_residual
 
-        return sample_residual(net, z, t, sched, temperature=temperature, x_init_NC=x_init, noise_fn=noise_fn)
-    return sample_residual_fast(net, z, t, sched, temperature, x_init, noise_fn, cuda_graph=cuda_graph)
+        return sample_residual(net, z, t, sched, temperature=temperature, x_init_NC=x_init_NC, noise_fn=noise_fn)
+    return sample_residual_fast(net, z, t, sched, temperature, x_init_NC, noise_fn, cuda_graph=cuda_graph)
 
 
 __all__ = ["FastEngine"]

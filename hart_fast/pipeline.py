@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
@@ -337,13 +337,7 @@ class HartPipeline:
         generator = torch.Generator(device=dev).manual_seed(seed)
 
         context = prompt_embeds.to(dev, dt)
-        mask = (torch.ones(B, T, dtype=torch.bool) if prompt_mask is None else prompt_mask.bool()).to(dev)
-        pos = torch.cumsum(mask.long(), dim=1) - 1
-        # CFG doubling: the unconditional half has zero context, zero position ids
-        # and a mask of zeros except position 0.
-        pos2 = torch.cat((pos, torch.zeros_like(pos)), dim=0)
-        mask2 = torch.cat((mask, torch.zeros_like(mask)), dim=0)
-        mask2[B:, 0] = True
+        mask2, pos2 = cfg_doubled_mask_and_positions(prompt_mask, B, T, dev)
 
         cond_BTC = tr.condition(context)                                      # (2B, T, C)
         block_mods, head_mod = tr.modulations(cond_BTC, mask2)
@@ -386,24 +380,12 @@ class HartPipeline:
                 assert x.shape[1] == pn_next * pn_next
                 continue
             # Last scale: discrete codes plus the continuous residual.
-            tokens_BLC = h_BlC
-            if residual_diffusion:
-                discrete = tr.word_embed(codebook[idx_Bl])
-                z = tr.decoder_norm(h + torch.cat([discrete, discrete], dim=0))   # (2B, L, C)
-                if trace is not None:
-                    trace["diffusion/z"] = z.reshape(2 * B * P * P, -1).clone()
-                x_init = None if residual_latents is None else residual_latents.reshape(B * P * P, Cvae)
-                if diffusion_noise_fn is None:
-                    noise_gen = torch.Generator(device="cpu").manual_seed(seed + 1)
-                    diffusion_noise_fn = lambda shape: torch.randn(*shape, generator=noise_gen).to(dev)  # noqa: E731
-                resid = sample_residual(
-                    tr.diffloss.net, z.reshape(2 * B * P * P, -1), t, self.schedule(diffusion_steps),
-                    temperature=diffusion_temperature, x_init_NC=x_init, noise_fn=diffusion_noise_fn,
-                )
-                resid = resid.float().view(B, P * P, Cvae)
-                if trace is not None:
-                    trace["residual"] = resid.clone()
-                tokens_BLC = h_BlC + resid
+            tokens_BLC = last_scale_tokens(
+                self, h, h_BlC, idx_Bl, t, seed, residual_diffusion=residual_diffusion,
+                diffusion_steps=diffusion_steps, diffusion_temperature=diffusion_temperature,
+                residual_latents=residual_latents, trace=trace, diffusion_noise_fn=diffusion_noise_fn,
+                sample_fn=sample_residual,
+            )
             final = tokens_BLC.transpose(1, 2).reshape(B, Cvae, P, P)
             if trace is not None:
                 trace["final_tokens"] = final.clone()
@@ -411,6 +393,52 @@ class HartPipeline:
         if trace is not None:
             trace["f_hat_final"] = f_hat.clone()
         return f_hat
+
+
+def cfg_doubled_mask_and_positions(prompt_mask, B: int, T: int, device):
+    """Mask and position ids of the CFG-doubled batch: (2B, T) bool, (2B, T) int64.
+
+    Position ids are cumsum(mask) - 1; the unconditional half has zero position
+    ids and a mask of zeros except position 0 (the official convention).
+    """
+    mask = (torch.ones(B, T, dtype=torch.bool) if prompt_mask is None else prompt_mask.bool()).to(device)
+    pos = torch.cumsum(mask.long(), dim=1) - 1
+    pos2 = torch.cat((pos, torch.zeros_like(pos)), dim=0)
+    mask2 = torch.cat((mask, torch.zeros_like(mask)), dim=0)
+    mask2[B:, 0] = True
+    return mask2, pos2
+
+
+def last_scale_tokens(pipe, h, h_BlC, idx_Bl, t, seed, *, residual_diffusion, diffusion_steps,
+                      diffusion_temperature, residual_latents, trace, diffusion_noise_fn, sample_fn):
+    """The last scale's tokens (B, L, Cvae): code embeddings plus the diffusion residual.
+
+    h (2B, L, C) is the last transformer pass's hidden state; the residual MLP is
+    conditioned on decoder_norm(h + word_embed(codebook[idx])) for both CFG halves
+    and guided with the same t as the stage. sample_fn is the reference
+    `sample_residual` or the fast one (same contract).
+    """
+    if not residual_diffusion:
+        return h_BlC
+    tr, dev = pipe.transformer, pipe.device
+    B, L = idx_Bl.shape
+    Cvae = h_BlC.shape[-1]
+    codebook = pipe.tokenizer.quantize.embedding.weight
+    discrete = tr.word_embed(codebook[idx_Bl])
+    z = tr.decoder_norm(h + torch.cat([discrete, discrete], dim=0)).reshape(2 * B * L, -1)  # (2BL, C)
+    if trace is not None:
+        trace["diffusion/z"] = z.clone()
+    x_init = None if residual_latents is None else residual_latents.reshape(B * L, Cvae)
+    if diffusion_noise_fn is None:
+        # Drawn on the CPU so a seed gives the same residual on every device.
+        noise_gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+        diffusion_noise_fn = lambda shape: torch.randn(*shape, generator=noise_gen).to(dev)  # noqa: E731
+    resid = sample_fn(tr.diffloss.net, z, t, pipe.schedule(diffusion_steps), temperature=diffusion_temperature,
+                      x_init_NC=x_init, noise_fn=diffusion_noise_fn)
+    resid = resid.float().view(B, L, Cvae)
+    if trace is not None:
+        trace["residual"] = resid.clone()
+    return h_BlC + resid
 
 
 def to_pil(images_B3HW: torch.Tensor):

@@ -8,7 +8,7 @@ folders are decode-only, and generation never needs them.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
