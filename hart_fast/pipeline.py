@@ -305,6 +305,33 @@ class HartPipeline:
         img = self.tokenizer.fhat_to_img(f_hat.to(self.device, self.dtype))
         return img.float().add_(1).mul_(0.5)
 
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor):
+        """Images (B, 3, H, W) in [0, 1] -> (codes per scale [(B, pn*pn) int64], residual (B, L_last, Cvae)).
+
+        The multi-scale residual quantisation of HART's tokenizer at the model's
+        scales; `residual` is the continuous part the residual diffusion models, so
+        `decode(latent_from_tokens(codes, residual))` reconstructs the image up to the
+        autoencoder's own loss. Needs a tokenizer folder with encoder weights.
+        """
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be a (B, 3, H, W) tensor in [0, 1], got {getattr(images, 'shape', images)}")
+        side = self.config.patch_nums[-1] * self.tokenizer.cfg.downsample
+        if tuple(images.shape[2:]) != (side, side):
+            raise ValueError(f"images must be {side}x{side} for this model, got {tuple(images.shape[2:])}")
+        f = self.tokenizer.img_to_latent(images.to(self.device, self.dtype) * 2 - 1)
+        return self.tokenizer.latent_to_tokens(f, self.config.patch_nums)
+
+    @torch.inference_mode()
+    def latent_from_tokens(self, codes, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Codes per scale (+ optional residual) -> the decoder's input latent f_hat."""
+        return self.tokenizer.tokens_to_latent(codes, self.config.patch_nums, residual)
+
+    def reconstruct(self, images: torch.Tensor, with_residual: bool = True) -> torch.Tensor:
+        """Encode then decode: images in [0, 1] -> images in [0, 1]."""
+        codes, residual = self.encode(images)
+        return self.decode(self.latent_from_tokens(codes, residual if with_residual else None))
+
     def _sample_codes(self, si, logits_BlV, top_k, top_p, token_sampler, generator):
         k = official_top_k(si) if top_k is None else top_k
         if token_sampler is not None:

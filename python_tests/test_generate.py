@@ -132,3 +132,20 @@ def test_missing_mask_means_all_tokens_real(pipe, prompts):
     a = pipe.generate(ctx, None, seed=2)
     b = pipe.generate(ctx, torch.ones(ctx.shape[:2], dtype=torch.bool), seed=2)
     assert torch.equal(a, b)
+
+
+def test_encode_reconstruct_roundtrip(pipe):
+    """Image -> codes + residual -> latent is lossless against the encoder's latent."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 8, 8, generator=g)
+    codes, residual = pipe.encode(images)
+    assert [c.shape for c in codes] == [(2, p * p) for p in pipe.config.patch_nums]
+    with torch.inference_mode():
+        f = pipe.tokenizer.img_to_latent(images * 2 - 1)
+    torch.testing.assert_close(pipe.latent_from_tokens(codes, residual), f, atol=1e-5, rtol=1e-5)
+    rec = pipe.reconstruct(images)
+    torch.testing.assert_close(rec, pipe.decode(f), atol=1e-5, rtol=0)
+    coarse = pipe.reconstruct(images, with_residual=False)
+    assert not torch.allclose(coarse, rec)
+    with pytest.raises(ValueError, match="must be 8x8"):
+        pipe.encode(torch.rand(1, 3, 16, 16))
