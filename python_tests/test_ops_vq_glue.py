@@ -279,3 +279,24 @@ def test_latent_to_tokens_fast_real_shape():
         assert (a == b).float().mean().item() >= 0.99
     if all(torch.equal(a, b) for a, b in zip(got_idx, ref_idx)):
         torch.testing.assert_close(got_res, ref_res, atol=2e-5, rtol=0)
+
+
+@pytest.mark.usefixtures("kernel_device")
+def test_cuda_matches_cpu_kernel_bitwise(kernel_device):
+    """The CUDA kernels run the same shared per-element math as the CPU ones."""
+    if kernel_device != "cuda":
+        pytest.skip("compares the CUDA kernels with the CPU kernels")
+    g = torch.Generator().manual_seed(9)
+    for dtype in DTYPES:
+        for pn in (1, 5, 27, 48):
+            x = torch.randn(2, 32, pn, pn, generator=g).to(dtype)
+            assert torch.equal(bicubic_upsample(x.cuda(), 64, 64).cpu(), bicubic_upsample(x, 64, 64))
+        f = torch.randn(2, 32, 64, 64, generator=g).to(dtype)
+        for pn in (2, 7, 36):
+            assert torch.equal(area_downsample(f.cuda(), pn, pn).cpu(), area_downsample(f, pn, pn))
+        acc = torch.randn(2, 32, 64, 64, generator=g)
+        acc_gpu = acc.cuda()
+        conv = torch.randn(2, 32, 64, 64, generator=g).to(dtype)
+        phi_blend_accumulate_(acc, f, conv, 0.5)
+        phi_blend_accumulate_(acc_gpu, f.cuda(), conv.cuda(), 0.5)
+        assert torch.equal(acc_gpu.cpu(), acc)

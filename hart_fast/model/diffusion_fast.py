@@ -90,7 +90,7 @@ def mlp_forward_fast(net: SimpleMLPAdaLN, ada: _AdaCache, x_in: torch.Tensor, t_
     return net.final_layer.linear(xf)
 
 
-def _draw_noise(N: int, N2: int, C: int, steps: int, guided: bool, x_init_NC, noise_fn, device):
+def _draw_noise(N: int, N2: int, C: int, guided: bool, x_init_NC, noise_fn, device):
     """Initial x and the per-step noise, drawn in the reference's order."""
     if x_init_NC is not None:
         x = x_init_NC.to(device=device, dtype=torch.float32)
@@ -101,11 +101,14 @@ def _draw_noise(N: int, N2: int, C: int, steps: int, guided: bool, x_init_NC, no
     return x.float()
 
 
-def _loop(net, ada, x, z_2NZ, cond, cfg, guided, sched, temperature, noises, N, dt):
-    dev = x.device
+def _time_rows(net, sched, device) -> List[torch.Tensor]:
+    """(1, W) time embedding of every step, in loop order (s = S-1 .. 0)."""
+    return [_time_row(net, sched.timestep_map[s], device) for s in reversed(range(sched.num_steps))]
+
+
+def _loop(net, ada, x, cond, cfg, guided, sched, temperature, noises, t_rows, dt):
     for k, s in enumerate(reversed(range(sched.num_steps))):
-        t_row = _time_row(net, sched.timestep_map[s], dev)
-        out = mlp_forward_fast(net, ada, x.to(dt), t_row, cond, dup=guided).float()
+        out = mlp_forward_fast(net, ada, x.to(dt), t_rows[k], cond, dup=guided).float()
         x = iddpm_step_fused(x, out, noises[k], cfg, guided, temperature=temperature,
                              **schedule_scalars(sched, s))
     return x
@@ -130,15 +133,16 @@ def sample_residual_fast(
     if noise_fn is None:
         noise_fn = lambda shape: torch.randn(*shape, device=dev, dtype=torch.float32)  # noqa: E731
     with torch.no_grad():
-        x = _draw_noise(N, N2, C, sched.num_steps, guided, x_init_NC, noise_fn, dev)
+        x = _draw_noise(N, N2, C, guided, x_init_NC, noise_fn, dev)
         # Per-step noise in the official order (one (2N, C) draw per step, first half used).
         noises = [noise_fn((N2, C))[:N].to(dev, torch.float32) for _ in range(sched.num_steps)]
         ada = _ada_cache(net)
         z = z_2NZ if guided else z_2NZ[:N]
         if cuda_graph and dev.type == "cuda":
-            return _run_graphed(net, ada, x, z, cfg, guided, sched, temperature, noises, N, dt) * VAE_SCALE
+            return _run_graphed(net, ada, x, z, cfg, guided, sched, temperature, noises, dt) * VAE_SCALE
         cond = net.cond_embed(z)  # (R, W), once: independent of t
-        x = _loop(net, ada, x, z, cond, cfg, guided, sched, temperature, noises, N, dt)
+        t_rows = _time_rows(net, sched, dev)
+        x = _loop(net, ada, x, cond, cfg, guided, sched, temperature, noises, t_rows, dt)
     return x * VAE_SCALE
 
 
@@ -146,11 +150,12 @@ def sample_residual_fast(
 # CUDA graph path
 # ----------------------------------------------------------------------------
 class _Graphed:
-    def __init__(self, graph, x_in, z_in, noise_in, x_out):
+    def __init__(self, graph, x_in, z_in, noise_in, x_out, t_rows):
         self.graph, self.x_in, self.z_in, self.noise_in, self.x_out = graph, x_in, z_in, noise_in, x_out
+        self.t_rows = t_rows  # read by the graph: must stay alive with it
 
 
-def _run_graphed(net, ada, x, z, cfg, guided, sched, temperature, noises, N, dt):
+def _run_graphed(net, ada, x, z, cfg, guided, sched, temperature, noises, dt):
     """Capture (once per key) and replay the whole step loop.
 
     Static buffers: x_in (N, C) fp32, z_in (R, Cz), noise_in (steps, N, C).
@@ -170,11 +175,16 @@ def _run_graphed(net, ada, x, z, cfg, guided, sched, temperature, noises, N, dt)
         cache = {}
         object.__setattr__(net, "_hart_fast_graph", cache)
         x_in, z_in, noise_in = x.clone(), z.clone(), noise_stack.clone()
+        # The time rows depend only on the schedule (part of the key).  They are
+        # computed outside the capture because timestep_embedding builds its
+        # frequency table on the host and copies it over, which a capturing
+        # stream does not allow.
+        t_rows = _time_rows(net, sched, x.device)
 
         def body():
             cond = net.cond_embed(z_in)
-            return _loop(net, ada, x_in, z_in, cond, cfg, guided, sched, temperature,
-                         list(noise_in.unbind(0)), N, dt)
+            return _loop(net, ada, x_in, cond, cfg, guided, sched, temperature,
+                         list(noise_in.unbind(0)), t_rows, dt)
 
         # Warm up on a side stream (lazy inits, Triton JIT, cuBLAS workspaces)
         # before capturing, as torch.cuda.graphs recommends.
@@ -186,7 +196,7 @@ def _run_graphed(net, ada, x, z, cfg, guided, sched, temperature, noises, N, dt)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             x_out = body()
-        g = _Graphed(graph, x_in, z_in, noise_in, x_out)
+        g = _Graphed(graph, x_in, z_in, noise_in, x_out, t_rows)
         cache[key] = g
     g.x_in.copy_(x)
     g.z_in.copy_(z)
