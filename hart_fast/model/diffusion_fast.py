@@ -98,7 +98,7 @@ def _draw_noise(N: int, N2: int, C: int, guided: bool, x_init_NC, noise_fn, devi
         x = noise_fn((N, C))
     else:
         x = noise_fn((N2, C))[:N]
-    return x.float()
+    return x.to(device=device, dtype=torch.float32)
 
 
 def _time_rows(net, sched, device) -> List[torch.Tensor]:
