@@ -91,7 +91,7 @@ def mlp_forward_fast(net: SimpleMLPAdaLN, ada: _AdaCache, x_in: torch.Tensor, t_
 
 
 def _draw_noise(N: int, N2: int, C: int, guided: bool, x_init_NC, noise_fn, device):
-    """Initial x and the per-step noise, drawn in the reference's order."""
+    """Initial x, drawn exactly as the reference draws it (before the step noise)."""
     if x_init_NC is not None:
         x = x_init_NC.to(device=device, dtype=torch.float32)
     elif guided:
