@@ -19,4 +19,21 @@ TORCH_LIBRARY(hart_fast, m) {
       "Tensor? shift, float eps) -> Tensor");
   // argmin_v ||z_n - e_v||^2 for z (N, C) and codebook (V, C); int64 (N,).
   m.def("vq_nearest_code(Tensor z, Tensor codebook) -> Tensor");
+  // --- VQ glue between AR stages (hart_fast/ops/vq_glue.py) ---
+  // == F.interpolate(x, size=(out_h, out_w), mode="bicubic", align_corners=False)
+  // for (B, C, h, w) x, fp32 math, PyTorch's tap/weight arithmetic.
+  m.def("bicubic_upsample(Tensor x, int out_h, int out_w) -> Tensor");
+  // == F.interpolate(x, size=(out_h, out_w), mode="area") (adaptive_avg_pool2d:
+  // fp32 window sum row by row, then / kh / kw).
+  m.def("area_downsample(Tensor x, int out_h, int out_w) -> Tensor");
+  // f_hat (fp32) += (up.mul(1 - ratio) + conv_out.mul(ratio)) evaluated in
+  // up's dtype, i.e. Phi's blend followed by f_hat.add_.
+  m.def(
+      "phi_blend_accumulate_(Tensor(a!) f_hat, Tensor up, Tensor conv_out, float ratio) -> ()");
+  // One fused IDDPM p_sample update (hart_fast/model/diffusion.py::iddpm_step),
+  // CFG combine included when guided; model_out (2N, 2C) guided else (N, 2C).
+  m.def(
+      "iddpm_step_fused(Tensor x, Tensor model_out, Tensor noise, float cfg, bool guided, "
+      "float c_recip, float c_recipm1, float c_coef1, float c_coef2, float min_log, "
+      "float max_log, float nonzero, float temperature) -> Tensor");
 }

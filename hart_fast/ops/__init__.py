@@ -50,3 +50,33 @@ __all__ = [
     "vq_nearest_code",
     "vq_nearest_code_reference",
 ]
+
+from hart_fast.ops.vq_glue import (  # noqa: E402
+    area_downsample,
+    area_downsample_reference,
+    bicubic_upsample,
+    bicubic_upsample_reference,
+    latent_to_tokens_fast,
+    next_scale_input_fast,
+    phi_blend_accumulate_,
+    phi_blend_accumulate_reference_,
+)
+from hart_fast.ops.diffusion import (  # noqa: E402
+    iddpm_step_fused,
+    iddpm_step_fused_reference,
+    schedule_scalars,
+)
+
+__all__ += [
+    "area_downsample",
+    "area_downsample_reference",
+    "bicubic_upsample",
+    "bicubic_upsample_reference",
+    "latent_to_tokens_fast",
+    "next_scale_input_fast",
+    "phi_blend_accumulate_",
+    "phi_blend_accumulate_reference_",
+    "iddpm_step_fused",
+    "iddpm_step_fused_reference",
+    "schedule_scalars",
+]

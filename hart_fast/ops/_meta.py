@@ -26,3 +26,24 @@ def _layer_norm_modulate_fake(x, weight, bias, scale, shift, eps):
 def _vq_nearest_code_fake(z, codebook):
     torch._check(z.dim() == 2, lambda: "vq_nearest_code: z must be 2-D (N, C).")
     return z.new_empty((z.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake("hart_fast::bicubic_upsample")
+def _bicubic_upsample_fake(x, out_h, out_w):
+    return x.new_empty((x.shape[0], x.shape[1], out_h, out_w))
+
+
+@torch.library.register_fake("hart_fast::area_downsample")
+def _area_downsample_fake(x, out_h, out_w):
+    return x.new_empty((x.shape[0], x.shape[1], out_h, out_w))
+
+
+@torch.library.register_fake("hart_fast::phi_blend_accumulate_")
+def _phi_blend_accumulate_fake(f_hat, up, conv_out, ratio):
+    return None
+
+
+@torch.library.register_fake("hart_fast::iddpm_step_fused")
+def _iddpm_step_fused_fake(x, model_out, noise, cfg, guided, c_recip, c_recipm1, c_coef1,
+                           c_coef2, min_log, max_log, nonzero, temperature):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

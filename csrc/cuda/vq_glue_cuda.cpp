@@ -1,0 +1,77 @@
+// Torch-facing half of the CUDA VQ-glue / IDDPM ops; kernels in
+// vq_glue_kernel.cu.  Argument checks are shared with the CPU registration
+// (vq_glue_args.h).
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../vq_glue_args.h"
+#include "vq_glue_launch.h"
+
+namespace hart_fast::ops {
+namespace {
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+at::Tensor bicubic_upsample_cuda(const at::Tensor& x, int64_t out_h, int64_t out_w) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  ResizeArgs a = prepare_resize("bicubic_upsample", x, out_h, out_w);
+  C10_CUDA_CHECK(gpu::launch_bicubic_upsample(a.x.data_ptr(), a.out.data_ptr(), a.dtype, a.planes,
+                                              a.in_h, a.in_w, a.out_h, a.out_w, stream()));
+  return a.out;
+}
+
+at::Tensor area_downsample_cuda(const at::Tensor& x, int64_t out_h, int64_t out_w) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  ResizeArgs a = prepare_resize("area_downsample", x, out_h, out_w);
+  C10_CUDA_CHECK(gpu::launch_area_downsample(a.x.data_ptr(), a.out.data_ptr(), a.dtype, a.planes,
+                                             a.in_h, a.in_w, a.out_h, a.out_w, stream()));
+  return a.out;
+}
+
+void phi_blend_accumulate_cuda(const at::Tensor& f_hat, const at::Tensor& up,
+                               const at::Tensor& conv_out, double ratio) {
+  const c10::cuda::CUDAGuard guard(f_hat.device());
+  PhiArgs a = prepare_phi(f_hat, up, conv_out);
+  C10_CUDA_CHECK(gpu::launch_phi_blend_accumulate(
+      f_hat.data_ptr<float>(), a.up.data_ptr(), a.conv.data_ptr(), a.dtype, a.numel,
+      static_cast<float>(1.0 - ratio), static_cast<float>(ratio), stream()));
+}
+
+at::Tensor iddpm_step_fused_cuda(const at::Tensor& x, const at::Tensor& model_out,
+                                 const at::Tensor& noise, double cfg, bool guided,
+                                 double c_recip, double c_recipm1, double c_coef1,
+                                 double c_coef2, double min_log, double max_log, double nonzero,
+                                 double temperature) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  IddpmArgs a = prepare_iddpm(x, model_out, noise, guided);
+  IddpmScalars s;
+  s.one_plus_cfg = static_cast<float>(1.0 + cfg);
+  s.cfg = static_cast<float>(cfg);
+  s.recip = static_cast<float>(c_recip);
+  s.recipm1 = static_cast<float>(c_recipm1);
+  s.coef1 = static_cast<float>(c_coef1);
+  s.coef2 = static_cast<float>(c_coef2);
+  s.min_log = static_cast<float>(min_log);
+  s.max_log = static_cast<float>(max_log);
+  s.nonzero = static_cast<float>(nonzero);
+  s.temperature = static_cast<float>(temperature);
+  s.guided = guided;
+  C10_CUDA_CHECK(gpu::launch_iddpm_step(a.x.data_ptr<float>(), a.model_out.data_ptr<float>(),
+                                        a.noise.data_ptr<float>(), a.out.data_ptr<float>(), a.n,
+                                        a.c, s, stream()));
+  return a.out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hart_fast, CUDA, m) {
+  m.impl("bicubic_upsample", &bicubic_upsample_cuda);
+  m.impl("area_downsample", &area_downsample_cuda);
+  m.impl("phi_blend_accumulate_", &phi_blend_accumulate_cuda);
+  m.impl("iddpm_step_fused", &iddpm_step_fused_cuda);
+}
+
+}  // namespace hart_fast::ops
