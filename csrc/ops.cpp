@@ -19,4 +19,13 @@ TORCH_LIBRARY(hart_fast, m) {
       "Tensor? shift, float eps) -> Tensor");
   // argmin_v ||z_n - e_v||^2 for z (N, C) and codebook (V, C); int64 (N,).
   m.def("vq_nearest_code(Tensor z, Tensor codebook) -> Tensor");
+  // F.group_norm(x, groups, weight, bias, eps) followed by F.silu when silu:
+  // x (B, C, *) fp32/fp16/bf16, NCHW- or (4-D) channels_last-contiguous;
+  // statistics in fp64 sums, normalisation in fp32, rounded to x.dtype after
+  // the norm and again after the SiLU (as the two torch ops do).  Returns a
+  // new tensor of x's dtype in x's layout (channels_last only when x is
+  // channels_last- but not NCHW-contiguous).
+  m.def(
+      "group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, "
+      "bool silu) -> Tensor");
 }

@@ -26,3 +26,10 @@ def _layer_norm_modulate_fake(x, weight, bias, scale, shift, eps):
 def _vq_nearest_code_fake(z, codebook):
     torch._check(z.dim() == 2, lambda: "vq_nearest_code: z must be 2-D (N, C).")
     return z.new_empty((z.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake("hart_fast::group_norm_silu")
+def _group_norm_silu_fake(x, weight, bias, groups, eps, silu):
+    # Same layout rule as csrc/group_norm_silu_args.h.
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty_like(x, memory_format=torch.channels_last if cl else torch.contiguous_format)

@@ -1,0 +1,96 @@
+// Math of the fused GroupNorm + SiLU op (the VAE decoder's `F.silu(norm(x))`),
+// shared by csrc/cpu/group_norm_silu_cpu.cpp and
+// csrc/cuda/group_norm_silu_kernel.cu.
+//
+// Semantics (mirrors hart_fast/ops/group_norm.py::group_norm_silu_reference):
+//   mean, var = biased statistics of x over each (batch, group)
+//   y = (x - mean) / sqrt(var + eps) * weight + bias    fp32, rounded to T
+//   y = silu(y) = y / (1 + exp(-y))                     fp32, rounded to T
+// where T = x.dtype.  The intermediate rounding to T only matters for fp16 /
+// bf16: there the reference is F.group_norm (which returns x.dtype) followed
+// by F.silu in x.dtype, i.e. PyTorch rounds between the two ops and so do we.
+//
+// Statistics: every element contributes x and x^2 to sums kept in fp64
+// (single pass over the data, and partial sums of any partition of the group
+// combine by plain addition, which the split GPU reduction needs).
+// var = E[x^2] - mean^2 in fp64 loses log2(mean^2 / var) of fp64's 53 bits to
+// cancellation; the fp32 result needs 24, so this is exact to fp32 rounding
+// unless |mean| / std exceeds ~2^14, far outside what activations do.
+//
+// Per element the op is then an affine map with per-(batch, channel)
+// coefficients, a = rstd * weight and s = bias - mean * a, the same
+// factorisation PyTorch's GroupNorm kernels use: y = x * a + s.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "hart_fast/macros.h"
+#include "hart_fast/numerics.h"
+
+namespace hart_fast {
+
+// Raw, torch-free description of one call.  x and out hold B * C * HW
+// elements of `dtype`, either NCHW-contiguous (channels_last == false) or
+// NHWC-contiguous (channels_last == true).  weight / bias are fp32 (C,) or
+// null.  Group g covers channels [g * C / groups, (g + 1) * C / groups).
+struct GroupNormSiluParams {
+  const void* x = nullptr;
+  void* out = nullptr;
+  const float* weight = nullptr;
+  const float* bias = nullptr;
+  int64_t batch = 0;
+  int64_t channels = 0;
+  int64_t hw = 0;
+  int64_t groups = 1;
+  float eps = 0.0f;
+  bool silu = true;
+  bool channels_last = false;
+  DType dtype = DType::kFloat32;
+};
+
+// mean and 1 / sqrt(var + eps) of a group from its fp64 sums over n elements
+// (biased variance, clamped at 0 against cancellation noise, eps inside the
+// square root; the division and root are done in fp64 and rounded once).
+HF_HOST_DEVICE inline void hf_gn_moments(double sum, double sum_sq, int64_t n, float eps,
+                                         float* mean_out, float* rstd_out) {
+  const double inv_n = 1.0 / static_cast<double>(n);
+  const double mean = sum * inv_n;
+  double var = sum_sq * inv_n - mean * mean;
+  var = var > 0.0 ? var : 0.0;
+  *mean_out = static_cast<float>(mean);
+  *rstd_out = static_cast<float>(1.0 / sqrt(var + static_cast<double>(eps)));
+}
+
+// Per-channel coefficients of y = x * a + s.  weight / bias may be null
+// (affine=False): a = rstd, s = -mean * rstd.
+HF_HOST_DEVICE inline void hf_gn_coeffs(float mean, float rstd, const float* weight,
+                                        const float* bias, int64_t c, float* a_out,
+                                        float* s_out) {
+  const float a = weight != nullptr ? hf_mul(rstd, weight[c]) : rstd;
+  const float b = bias != nullptr ? bias[c] : 0.0f;
+  *a_out = a;
+  *s_out = hf_sub(b, hf_mul(mean, a));
+}
+
+HF_HOST_DEVICE inline float hf_exp(float v) {
+#if defined(__CUDA_ARCH__)
+  return expf(v);  // full-accuracy expf (we never build with --use_fast_math)
+#else
+  return std::exp(v);
+#endif
+}
+
+// PyTorch's fp32 SiLU formula on both devices: x / (1 + exp(-x)).
+HF_HOST_DEVICE inline float hf_silu(float v) { return hf_div(v, hf_add(1.0f, hf_exp(-v))); }
+
+// One element: affine normalisation, rounding to the norm's output dtype S,
+// then optional SiLU in fp32.  The caller stores (rounds to S) the result.
+template <typename S>
+HF_HOST_DEVICE inline float hf_gn_silu_apply(float x, float a, float s, bool silu) {
+  float y = hf_add(hf_mul(x, a), s);
+  if (silu) y = hf_silu(hf_round_to<S>(y));
+  return y;
+}
+
+}  // namespace hart_fast
