@@ -10,8 +10,8 @@
 //         count, so results do not depend on it), parallel_for over
 //         (batch, chunk) accumulates per-channel partial sums, which are then
 //         added chunk by chunk in order.
-// Pass 2 (elementwise): per-(batch, channel) coefficients a, s (shared
-// header), then y = silu(round(x * a + s)) over blocks of elements, run as
+// Pass 2 (elementwise): per-(batch, channel) coefficients m, a, s (shared
+// header), then y = silu(round((x - m) * a + s)) over blocks of elements, run as
 // separate simple loops so each vectorises.  The SiLU uses at::vec (Sleef
 // exp, 1 ulp) with the formula of torch's own CPU silu kernel,
 // x / (1 + exp(-x)); hf_silu (std::exp) serves the scalar tail.  The GPU uses
@@ -117,21 +117,21 @@ void silu_inplace(float* y, int64_t n) {
   for (; i < n; ++i) y[i] = hf_silu(y[i]);
 }
 
-// Normalises n elements x[0..n) into out; channel of element j is given by
-// a[j], s[j] (NHWC: the per-channel arrays; NCHW: broadcast scalars).
+// Normalises n elements x[0..n) into out; coefficients of element j are
+// k[j] (NHWC: the per-channel array of the pixel's image) or k0 (NCHW: one
+// channel row).
 template <typename S, bool kPerElem>
-void apply_block(const S* __restrict__ x, S* __restrict__ out, int64_t n, const float* a,
-                 const float* s, float a0, float s0, bool silu) {
+void apply_block(const S* __restrict__ x, S* __restrict__ out, int64_t n, const GnCoef* k,
+                 GnCoef k0, bool silu) {
   alignas(64) float y[kBlock];
   for (int64_t base = 0; base < n; base += kBlock) {
     const int64_t m = std::min(kBlock, n - base);
     const S* __restrict__ xb = x + base;
     if (kPerElem) {
-      const float* __restrict__ ab = a + base;
-      const float* __restrict__ sb = s + base;
-      for (int64_t j = 0; j < m; ++j) y[j] = hf_add(hf_mul(hf_load(xb[j]), ab[j]), sb[j]);
+      const GnCoef* __restrict__ kb = k + base;
+      for (int64_t j = 0; j < m; ++j) y[j] = hf_gn_affine(hf_load(xb[j]), kb[j].m, kb[j].a, kb[j].s);
     } else {
-      for (int64_t j = 0; j < m; ++j) y[j] = hf_add(hf_mul(hf_load(xb[j]), a0), s0);
+      for (int64_t j = 0; j < m; ++j) y[j] = hf_gn_affine(hf_load(xb[j]), k0.m, k0.a, k0.s);
     }
     // Same steps as hf_gn_silu_apply, one loop each.
     if (silu) {
@@ -151,7 +151,7 @@ void run_typed(const GroupNormSiluParams& p) {
   channel_sums<S>(p, sums);
 
   // Group moments -> per-(batch, channel) coefficients.
-  std::vector<float> coef_a(static_cast<size_t>(B * C)), coef_s(static_cast<size_t>(B * C));
+  std::vector<GnCoef> coef(static_cast<size_t>(B * C));
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t g = 0; g < G; ++g) {
       double s = 0.0, q = 0.0;
@@ -162,7 +162,7 @@ void run_typed(const GroupNormSiluParams& p) {
       float mean = 0.0f, rstd = 0.0f;
       hf_gn_moments(s, q, D * HW, p.eps, &mean, &rstd);
       for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-        hf_gn_coeffs(mean, rstd, p.weight, p.bias, c, &coef_a[b * C + c], &coef_s[b * C + c]);
+        coef[b * C + c] = hf_gn_coeffs(mean, rstd, p.weight, p.bias, c);
       }
     }
   }
@@ -173,8 +173,7 @@ void run_typed(const GroupNormSiluParams& p) {
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(HW, 1));
     at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        apply_block<S, false>(x + r * HW, out + r * HW, HW, nullptr, nullptr, coef_a[r],
-                              coef_s[r], p.silu);
+        apply_block<S, false>(x + r * HW, out + r * HW, HW, nullptr, coef[r], p.silu);
       }
     });
     return;
@@ -185,8 +184,7 @@ void run_typed(const GroupNormSiluParams& p) {
   at::parallel_for(0, B * HW, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / HW;
-      apply_block<S, true>(x + r * C, out + r * C, C, &coef_a[b * C], &coef_s[b * C], 0.0f,
-                           0.0f, p.silu);
+      apply_block<S, true>(x + r * C, out + r * C, C, &coef[b * C], GnCoef{}, p.silu);
     }
   });
 }

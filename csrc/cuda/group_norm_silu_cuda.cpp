@@ -23,9 +23,11 @@ at::Tensor group_norm_silu_cuda(const at::Tensor& x, const std::optional<at::Ten
   const int64_t splits = gpu::group_norm_silu_splits(p);
   at::Tensor partials =
       at::empty({2 * p.batch * p.channels * splits}, x.options().dtype(at::kDouble));
-  at::Tensor coefs = at::empty({2 * p.batch * p.channels}, x.options().dtype(at::kFloat));
+  static_assert(sizeof(GnCoef) == 3 * sizeof(float), "GnCoef is three packed floats");
+  at::Tensor coefs = at::empty({3 * p.batch * p.channels}, x.options().dtype(at::kFloat));
   C10_CUDA_CHECK(gpu::launch_group_norm_silu(p, partials.data_ptr<double>(),
-                                             coefs.data_ptr<float>(), splits,
+                                             reinterpret_cast<GnCoef*>(coefs.data_ptr<float>()),
+                                             splits,
                                              c10::cuda::getCurrentCUDAStream().stream()));
   return a.out;
 }

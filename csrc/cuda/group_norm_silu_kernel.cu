@@ -152,7 +152,7 @@ __global__ void stats_nhwc_kernel(const S* __restrict__ x, int64_t c_total, int6
 // One thread per (batch, group): partials of channel c, split k live at
 // index (batch * C + c) * splits + k for both layouts.
 __global__ void combine_kernel(GroupNormSiluParams p, const double* __restrict__ partials,
-                               int64_t splits, float* __restrict__ coefs) {
+                               int64_t splits, GnCoef* __restrict__ coefs) {
   const int64_t bg = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (bg >= p.batch * p.groups) return;
   const int64_t b = bg / p.groups, g = bg % p.groups;
@@ -167,10 +167,8 @@ __global__ void combine_kernel(GroupNormSiluParams p, const double* __restrict__
   }
   float mean, rstd;
   hf_gn_moments(s, q, d * p.hw, p.eps, &mean, &rstd);
-  const int64_t bc_total = p.batch * p.channels;
   for (int64_t c = g * d; c < (g + 1) * d; ++c) {
-    hf_gn_coeffs(mean, rstd, p.weight, p.bias, c, &coefs[b * p.channels + c],
-                 &coefs[bc_total + b * p.channels + c]);
+    coefs[b * p.channels + c] = hf_gn_coeffs(mean, rstd, p.weight, p.bias, c);
   }
 }
 
@@ -179,10 +177,8 @@ __global__ void combine_kernel(GroupNormSiluParams p, const double* __restrict__
 // NHWC: they are V consecutive channels of one pixel (C % V == 0).
 template <typename S, int V, bool kChannelsLast, typename I>
 __global__ void __launch_bounds__(kApplyThreads)
-    apply_kernel(const S* __restrict__ x, S* __restrict__ out, const float* __restrict__ coefs,
-                 I n_packs, I c_total, I hw, I bc_total, bool silu) {
-  const float* __restrict__ ca = coefs;
-  const float* __restrict__ cs = coefs + bc_total;
+    apply_kernel(const S* __restrict__ x, S* __restrict__ out, const GnCoef* __restrict__ coefs,
+                 I n_packs, I c_total, I hw, bool silu) {
   for (I pk = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; pk < n_packs;
        pk += static_cast<I>(gridDim.x) * blockDim.x) {
     const I i0 = pk * V;
@@ -193,16 +189,14 @@ __global__ void __launch_bounds__(kApplyThreads)
       const I base = (i0 / (hw * c_total)) * c_total + c0;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const float y =
-            hf_gn_silu_apply<S>(hf_load(in.v[j]), ca[base + j], cs[base + j], silu);
+        const float y = hf_gn_silu_apply<S>(hf_load(in.v[j]), coefs[base + j], silu);
         res.v[j] = Storage<S>::store(y);
       }
     } else {
-      const I bc = i0 / hw;
-      const float a = ca[bc], s = cs[bc];
+      const GnCoef k = coefs[i0 / hw];
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        res.v[j] = Storage<S>::store(hf_gn_silu_apply<S>(hf_load(in.v[j]), a, s, silu));
+        res.v[j] = Storage<S>::store(hf_gn_silu_apply<S>(hf_load(in.v[j]), k, silu));
       }
     }
     *reinterpret_cast<Pack<S, V>*>(out + i0) = res;
@@ -210,29 +204,28 @@ __global__ void __launch_bounds__(kApplyThreads)
 }
 
 template <typename S, int V, typename I>
-void launch_apply(const GroupNormSiluParams& p, const float* coefs, cudaStream_t stream) {
+void launch_apply(const GroupNormSiluParams& p, const GnCoef* coefs, cudaStream_t stream) {
   const int64_t n = p.batch * p.channels * p.hw;
   const int64_t packs = n / V;
   int64_t blocks = (packs + kApplyThreads - 1) / kApplyThreads;
   if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;  // grid-stride beyond
   const S* x = static_cast<const S*>(p.x);
   S* out = static_cast<S*>(p.out);
-  const I bc_total = static_cast<I>(p.batch * p.channels);
   if (p.channels_last) {
     apply_kernel<S, V, true, I><<<static_cast<unsigned>(blocks), kApplyThreads, 0, stream>>>(
         x, out, coefs, static_cast<I>(packs), static_cast<I>(p.channels), static_cast<I>(p.hw),
-        bc_total, p.silu);
+        p.silu);
   } else {
     apply_kernel<S, V, false, I><<<static_cast<unsigned>(blocks), kApplyThreads, 0, stream>>>(
         x, out, coefs, static_cast<I>(packs), static_cast<I>(p.channels), static_cast<I>(p.hw),
-        bc_total, p.silu);
+        p.silu);
   }
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 template <typename S>
-cudaError_t launch_typed(const GroupNormSiluParams& p, double* partials, float* coefs,
+cudaError_t launch_typed(const GroupNormSiluParams& p, double* partials, GnCoef* coefs,
                          int64_t splits, cudaStream_t stream) {
   constexpr int V = PackWidth<S>::value;
   const S* x = static_cast<const S*>(p.x);
@@ -272,7 +265,9 @@ cudaError_t launch_typed(const GroupNormSiluParams& p, double* partials, float* 
   // 3. elementwise
   const bool vec = aligned16(p.x) && aligned16(p.out) &&
                    (p.channels_last ? C % V == 0 : HW % V == 0);
-  const bool small = B * C * HW < (int64_t{1} << 31) - (int64_t{1} << 24);  // headroom for pk stride
+  // 32-bit indexing when every element index fits in int32 (the grid-stride
+  // step is at most 2^28, so pk + step cannot wrap a uint32 either).
+  const bool small = B * C * HW < (int64_t{1} << 31);
   if (vec) {
     if (small) {
       launch_apply<S, V, uint32_t>(p, coefs, stream);
@@ -302,7 +297,7 @@ int64_t group_norm_silu_splits(const GroupNormSiluParams& p) {
   return splits < 1 ? 1 : splits;
 }
 
-cudaError_t launch_group_norm_silu(const GroupNormSiluParams& p, double* partials, float* coefs,
+cudaError_t launch_group_norm_silu(const GroupNormSiluParams& p, double* partials, GnCoef* coefs,
                                    int64_t splits, cudaStream_t stream) {
   if (p.batch * p.channels * p.hw <= 0) return cudaSuccess;
   switch (p.dtype) {

@@ -16,8 +16,8 @@ int64_t group_norm_silu_splits(const GroupNormSiluParams& p);
 
 // Enqueues statistics, combine and elementwise kernels on `stream`.
 // partials: device scratch of 2 * B * C * splits doubles; coefs: device
-// scratch of 2 * B * C floats; splits = group_norm_silu_splits(p).
-cudaError_t launch_group_norm_silu(const GroupNormSiluParams& p, double* partials, float* coefs,
+// scratch of B * C GnCoef; splits = group_norm_silu_splits(p).
+cudaError_t launch_group_norm_silu(const GroupNormSiluParams& p, double* partials, GnCoef* coefs,
                                    int64_t splits, cudaStream_t stream);
 
 }  // namespace hart_fast::gpu

@@ -4,7 +4,7 @@
 //
 // Semantics (mirrors hart_fast/ops/group_norm.py::group_norm_silu_reference):
 //   mean, var = biased statistics of x over each (batch, group)
-//   y = (x - mean) / sqrt(var + eps) * weight + bias    fp32, rounded to T
+//   y = (x - mean) * (1 / sqrt(var + eps)) * weight + bias   fp32, rounded to T
 //   y = silu(y) = y / (1 + exp(-y))                     fp32, rounded to T
 // where T = x.dtype.  The intermediate rounding to T only matters for fp16 /
 // bf16: there the reference is F.group_norm (which returns x.dtype) followed
@@ -17,9 +17,12 @@
 // cancellation; the fp32 result needs 24, so this is exact to fp32 rounding
 // unless |mean| / std exceeds ~2^14, far outside what activations do.
 //
-// Per element the op is then an affine map with per-(batch, channel)
-// coefficients, a = rstd * weight and s = bias - mean * a, the same
-// factorisation PyTorch's GroupNorm kernels use: y = x * a + s.
+// Per element the op is then y = (x - mean) * a + bias with per-(batch,
+// channel) a = rstd * weight.  (PyTorch's kernels fold mean into the shift,
+// x * a + (bias - mean * a); that cancels catastrophically when the group's
+// spread is small next to |mean| (a 1-element group has var 0 and
+// a = 1 / sqrt(eps)), so we subtract the mean first, one extra subtraction on
+// a memory-bound pass.)
 #pragma once
 
 #include <cmath>
@@ -62,15 +65,21 @@ HF_HOST_DEVICE inline void hf_gn_moments(double sum, double sum_sq, int64_t n, f
   *rstd_out = static_cast<float>(1.0 / sqrt(var + static_cast<double>(eps)));
 }
 
-// Per-channel coefficients of y = x * a + s.  weight / bias may be null
-// (affine=False): a = rstd, s = -mean * rstd.
-HF_HOST_DEVICE inline void hf_gn_coeffs(float mean, float rstd, const float* weight,
-                                        const float* bias, int64_t c, float* a_out,
-                                        float* s_out) {
-  const float a = weight != nullptr ? hf_mul(rstd, weight[c]) : rstd;
-  const float b = bias != nullptr ? bias[c] : 0.0f;
-  *a_out = a;
-  *s_out = hf_sub(b, hf_mul(mean, a));
+// Per-channel coefficients of y = (x - m) * a + s: m = the group mean,
+// a = rstd * weight, s = bias.  weight / bias may be null (affine=False):
+// a = rstd, s = 0.
+struct GnCoef {
+  float m;
+  float a;
+  float s;
+};
+HF_HOST_DEVICE inline GnCoef hf_gn_coeffs(float mean, float rstd, const float* weight,
+                                          const float* bias, int64_t c) {
+  GnCoef k;
+  k.m = mean;
+  k.a = weight != nullptr ? hf_mul(rstd, weight[c]) : rstd;
+  k.s = bias != nullptr ? bias[c] : 0.0f;
+  return k;
 }
 
 HF_HOST_DEVICE inline float hf_exp(float v) {
@@ -86,9 +95,13 @@ HF_HOST_DEVICE inline float hf_silu(float v) { return hf_div(v, hf_add(1.0f, hf_
 
 // One element: affine normalisation, rounding to the norm's output dtype S,
 // then optional SiLU in fp32.  The caller stores (rounds to S) the result.
+HF_HOST_DEVICE inline float hf_gn_affine(float x, float m, float a, float s) {
+  return hf_add(hf_mul(hf_sub(x, m), a), s);
+}
+
 template <typename S>
-HF_HOST_DEVICE inline float hf_gn_silu_apply(float x, float a, float s, bool silu) {
-  float y = hf_add(hf_mul(x, a), s);
+HF_HOST_DEVICE inline float hf_gn_silu_apply(float x, GnCoef k, bool silu) {
+  float y = hf_gn_affine(x, k.m, k.a, k.s);
   if (silu) y = hf_silu(hf_round_to<S>(y));
   return y;
 }
