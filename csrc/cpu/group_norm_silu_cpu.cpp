@@ -12,16 +12,14 @@
 //         added chunk by chunk in order.
 // Pass 2 (elementwise): per-(batch, channel) coefficients m, a, s (shared
 // header), then y = silu(round((x - m) * a + s)) over blocks of elements, run as
-// separate simple loops so each vectorises.  The SiLU uses at::vec (Sleef
-// exp, 1 ulp) with the formula of torch's own CPU silu kernel,
-// x / (1 + exp(-x)); hf_silu (std::exp) serves the scalar tail.  The GPU uses
-// the same formula with CUDA's expf.
+// separate simple loops so each vectorises.  The SiLU is torch's formula
+// x / (1 + exp(-x)) with the shared header's vectorisable hf_exp_poly (~1 ulp;
+// torch's CPU kernel uses Sleef's 1-ulp exp, the GPU kernel CUDA's expf).
 #include <algorithm>
 #include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -106,15 +104,8 @@ void channel_sums(const GroupNormSiluParams& p, std::vector<double>& sums) {
 }
 
 // y[i] = silu(y[i]) in place, n elements.
-void silu_inplace(float* y, int64_t n) {
-  using Vec = at::vec::Vectorized<float>;
-  const Vec one(1.0f);
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    const Vec v = Vec::loadu(y + i);
-    (v / (one + v.neg().exp())).store(y + i);
-  }
-  for (; i < n; ++i) y[i] = hf_silu(y[i]);
+void silu_inplace(float* __restrict__ y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = hf_silu_poly(y[i]);
 }
 
 // Normalises n elements x[0..n) into out; coefficients of element j are

@@ -93,6 +93,42 @@ HF_HOST_DEVICE inline float hf_exp(float v) {
 // PyTorch's fp32 SiLU formula on both devices: x / (1 + exp(-x)).
 HF_HOST_DEVICE inline float hf_silu(float v) { return hf_div(v, hf_add(1.0f, hf_exp(-v))); }
 
+// Branch-free expf (Cephes: x = n ln2 + r, |r| <= ln2 / 2, degree-6
+// polynomial, scale by 2^n through the exponent bits), ~1 ulp.  The CPU
+// kernel uses it because, unlike std::exp, the compiler vectorises it: the
+// SiLU pass would otherwise be bound by scalar exp calls.  Above 88.72 it
+// returns +inf (as expf); below -86 it returns exp(-86) instead of a tiny or
+// zero value, which leaves 1 + exp(x) (its only use) unchanged.
+HF_HOST_DEVICE inline float hf_exp_poly(float x) {
+  // Clamp with bit selects: a ternary is control flow that stops GCC's vectoriser.
+  uint32_t xb = hf_float_as_bits(x);
+  xb = hf_select(x < -86.0f, hf_float_as_bits(-86.0f), xb);
+  xb = hf_select(x > 88.72283935546875f, hf_float_as_bits(88.72283935546875f), xb);
+  const float xc = hf_bits_as_float(xb);
+  // n = round(x / ln2) with the 1.5 * 2^23 trick (round-to-nearest-even add).
+  const float t = hf_add(hf_mul(xc, 1.44269504088896341f), 12582912.0f);
+  const float n = hf_sub(t, 12582912.0f);
+  float r = hf_sub(xc, hf_mul(n, 0.693359375f));  // ln2 split in two (Cody-Waite)
+  r = hf_sub(r, hf_mul(n, -2.12194440e-4f));
+  float p = 1.9875691500e-4f;
+  p = hf_add(hf_mul(p, r), 1.3981999507e-3f);
+  p = hf_add(hf_mul(p, r), 8.3334519073e-3f);
+  p = hf_add(hf_mul(p, r), 4.1665795894e-2f);
+  p = hf_add(hf_mul(p, r), 1.6666665459e-1f);
+  p = hf_add(hf_mul(p, r), 5.0000001201e-1f);
+  const float e = hf_add(hf_add(hf_mul(hf_mul(p, r), r), r), 1.0f);
+  // 2^n as 2 * 2^(n - 1): n reaches 128 near ln(FLT_MAX), whose 2^n alone
+  // has no fp32 encoding; e * 2 is exact.
+  const int32_t ni = static_cast<int32_t>(n);
+  const float scale = hf_bits_as_float(static_cast<uint32_t>(ni + 126) << 23);
+  const float y = hf_mul(hf_mul(e, 2.0f), scale);
+  return hf_bits_as_float(hf_select(x > 88.72283935546875f, 0x7f800000u, hf_float_as_bits(y)));
+}
+
+HF_HOST_DEVICE inline float hf_silu_poly(float v) {
+  return hf_div(v, hf_add(1.0f, hf_exp_poly(-v)));
+}
+
 // One element: affine normalisation, rounding to the norm's output dtype S,
 // then optional SiLU in fp32.  The caller stores (rounds to S) the result.
 HF_HOST_DEVICE inline float hf_gn_affine(float x, float m, float a, float s) {
