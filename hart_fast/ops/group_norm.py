@@ -11,8 +11,11 @@ Numerics (kernel and reference):
     what F.group_norm returns), then SiLU ``y / (1 + exp(-y))`` in fp32 and
     rounded to x.dtype again (F.silu on an fp16 / bf16 tensor).  For fp32 the
     intermediate rounding is the identity.  The kernels evaluate the affine
-    part as ``x * a + s`` with ``a = rstd * weight``, ``s = bias - mean * a``,
-    the factorisation torch's own GroupNorm kernels use.
+    part as ``(x - mean) * a + bias`` with ``a = rstd * weight``.  (torch's
+    own fp32 kernels fold the mean into the shift, ``x * a + (bias - mean *
+    a)``, which cancels for groups of tiny spread, e.g. 1-element groups,
+    where it is off by ~1e-4; the tests therefore check fp32 against an fp64
+    evaluation.)  The CPU SiLU uses a vectorisable 1-ulp exp, the GPU expf.
 
 Layouts: NCHW-contiguous x gives an NCHW output; a 4-D x that is
 channels_last-contiguous (and not NCHW-contiguous) is processed and returned
