@@ -10,9 +10,9 @@
 //               image has 1M elements, hence the split into pieces.
 //   2. combine: one thread per (batch, group) adds its channels' partials in
 //               a fixed order (deterministic, no atomics), computes mean /
-//               rstd and writes the per-(batch, channel) coefficients a, s of
-//               y = x * a + s (hart_fast/group_norm_silu.h).
-//   3. apply:   elementwise y = silu(round(x * a + s)), grid-stride over packs
+//               rstd and writes the per-(batch, channel) coefficients m, a, s
+//               of y = (x - m) * a + s (hart_fast/group_norm_silu.h).
+//   3. apply:   elementwise y = silu(round((x - m) * a + s)), grid-stride over packs
 //               of 16 bytes when the layout and pointers allow.
 // The per-element math and the moments are the shared header's, i.e. the
 // arithmetic the CPU tests check.
