@@ -111,8 +111,10 @@ __global__ void __launch_bounds__(kStatsThreads)
 
 // NHWC: block b = batch * splits + k covers pixels [k * chunk, ...) of image
 // `batch`; thread t owns channels t, t + blockDim.x, ...
+// Launched with up to 1024 threads (C rounded up to a warp multiple): the
+// bound keeps the register count launchable at that size.
 template <typename S>
-__global__ void stats_nhwc_kernel(const S* __restrict__ x, int64_t c_total, int64_t hw,
+__global__ void __launch_bounds__(1024) stats_nhwc_kernel(const S* __restrict__ x, int64_t c_total, int64_t hw,
                                   int64_t splits, int64_t chunk, double* __restrict__ partials) {
   const int64_t blk = blockIdx.x;
   const int64_t b = blk / splits, k = blk % splits;
