@@ -36,4 +36,13 @@ TORCH_LIBRARY(hart_fast, m) {
       "iddpm_step_fused(Tensor x, Tensor model_out, Tensor noise, float cfg, bool guided, "
       "float c_recip, float c_recipm1, float c_coef1, float c_coef2, float min_log, "
       "float max_log, float nonzero, float temperature) -> Tensor");
+  // F.group_norm(x, groups, weight, bias, eps) followed by F.silu when silu:
+  // x (B, C, *) fp32/fp16/bf16, NCHW- or (4-D) channels_last-contiguous;
+  // statistics in fp64 sums, normalisation in fp32, rounded to x.dtype after
+  // the norm and again after the SiLU (as the two torch ops do).  Returns a
+  // new tensor of x's dtype in x's layout (channels_last only when x is
+  // channels_last- but not NCHW-contiguous).
+  m.def(
+      "group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, "
+      "bool silu) -> Tensor");
 }

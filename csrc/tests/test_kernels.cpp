@@ -20,6 +20,7 @@
 #include <c10/util/Exception.h>
 
 #include "cpu/cpu_kernels.h"
+#include "hart_fast/group_norm_silu.h"
 #include "hart_fast/norm_modulate.h"
 #include "hart_fast/numerics.h"
 #include "hart_fast/vq.h"
@@ -427,6 +428,31 @@ void test_dispatcher() {
   }
 }
 
+// group_norm_silu's CPU SiLU uses the vectorisable hf_exp_poly; it must stay
+// within 1 ulp of the C library's expf over the range that matters, return
+// +inf past ln(FLT_MAX), and the fp64 moments must be exact on easy data.
+void test_group_norm_math() {
+  int worst = 0;
+  for (float x = -86.0f; x <= 88.72f; x += 1.0e-3f) {
+    const int32_t a = static_cast<int32_t>(hf_float_as_bits(hf_exp_poly(x)));
+    const int32_t b = static_cast<int32_t>(hf_float_as_bits(std::exp(x)));
+    worst = std::max(worst, std::abs(a - b));
+  }
+  EXPECT(worst <= 1, "hf_exp_poly within 1 ulp of std::exp, got %d ulp", worst);
+  EXPECT(std::isinf(hf_exp_poly(89.0f)), "exp overflows to inf");
+  EXPECT(hf_silu_poly(-100.0f) == 0.0f && hf_silu_poly(100.0f) == 100.0f, "silu tails");
+  EXPECT(hf_isnan(hf_silu_poly(std::numeric_limits<float>::quiet_NaN())), "silu keeps NaN");
+  float mean = 0.0f, rstd = 0.0f;
+  // x = {1, 2, 3, 4}: mean 2.5, biased var 1.25.
+  hf_gn_moments(10.0, 30.0, 4, 0.0f, &mean, &rstd);
+  EXPECT(mean == 2.5f && rstd == static_cast<float>(1.0 / std::sqrt(1.25)), "moments");
+  const float w[2] = {2.0f, 3.0f};
+  const float b[2] = {0.5f, -1.0f};
+  const GnCoef k = hf_gn_coeffs(mean, rstd, w, b, 1);
+  EXPECT(k.m == 2.5f && k.a == rstd * 3.0f && k.s == -1.0f, "coefficients");
+  EXPECT(hf_gn_silu_apply<float>(2.5f, k, false) == -1.0f, "mean maps to bias");
+}
+
 }  // namespace
 
 int main() {
@@ -439,6 +465,7 @@ int main() {
       {"norm kernels", test_norm_kernels},
       {"vq kernel", test_vq_kernel},
       {"dispatcher", test_dispatcher},
+      {"group norm math", test_group_norm_math},
   };
   for (const auto& [name, fn] : tests) {
     const int before = g_failures;

@@ -38,6 +38,7 @@ from hart_fast.ops.norm import (  # noqa: E402
     rms_norm_modulate_reference,
 )
 from hart_fast.ops.vq import vq_nearest_code, vq_nearest_code_reference  # noqa: E402
+from hart_fast.ops.group_norm import group_norm_silu, group_norm_silu_reference  # noqa: E402
 
 __all__ = [
     "HAS_CUDA_KERNELS",
@@ -49,6 +50,8 @@ __all__ = [
     "rms_norm_modulate_reference",
     "vq_nearest_code",
     "vq_nearest_code_reference",
+    "group_norm_silu",
+    "group_norm_silu_reference",
 ]
 
 from hart_fast.ops.vq_glue import (  # noqa: E402

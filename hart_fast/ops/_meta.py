@@ -47,3 +47,8 @@ def _phi_blend_accumulate_fake(f_hat, up, conv_out, ratio):
 def _iddpm_step_fused_fake(x, model_out, noise, cfg, guided, c_recip, c_recipm1, c_coef1,
                            c_coef2, min_log, max_log, nonzero, temperature):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+@torch.library.register_fake("hart_fast::group_norm_silu")
+def _group_norm_silu_fake(x, weight, bias, groups, eps, silu):
+    # Same layout rule as csrc/group_norm_silu_args.h.
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty_like(x, memory_format=torch.channels_last if cl else torch.contiguous_format)
