@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from hart_fast import ops
+from hart_fast.model.diffusion_fast import sample_residual_fast
+from hart_fast.ops.vq_glue import next_scale_input_fast
 from hart_fast.model.transformer import AdaLNSelfAttn, FFN, HartTransformer, LlamaMLP
 from hart_fast.pipeline import cfg_doubled_mask_and_positions, last_scale_tokens
 from hart_fast.sampling import cfg_combine, cfg_ratio, gumbel_mix, multinomial_sample, official_top_k
@@ -230,7 +232,7 @@ class FastEngine:
             h_BlC = gumbel_mix(logits, ratio, codebook.float(), generator) if more_smooth else codebook[idx_Bl].float()
             if not last:
                 h_BChw = h_BlC.transpose(1, 2).reshape(B, Cvae, pn, pn)
-                f_hat, nxt = _next_scale_input(tok, si, cfg.patch_nums, f_hat, h_BChw.to(dt))
+                f_hat, nxt = next_scale_input_fast(tok, si, cfg.patch_nums, f_hat, h_BChw.to(dt))
                 if trace is not None:
                     trace[f"stage{si:02d}/f_hat"] = f_hat.clone()
                     trace[f"stage{si:02d}/next_input_latent"] = nxt.clone()
@@ -255,21 +257,7 @@ class FastEngine:
         return f_hat
 
 
-def _next_scale_input(tok, si, patch_nums, f_hat, h_BChw):
-    try:
-        from hart_fast.ops.vq_glue import next_scale_input_fast
-    except ImportError:
-        return tok.next_scale_input(si, patch_nums, f_hat, h_BChw)
-    return next_scale_input_fast(tok, si, patch_nums, f_hat, h_BChw)
-
-
 def _sample_residual(net, z, t, sched, *, temperature, x_init_NC, noise_fn, cuda_graph):
-    try:
-        from hart_fast.model.diffusion_fast import sample_residual_fast
-    except ImportError:
-        from hart_fast.model.diffusion import sample_residual
-
-        return sample_residual(net, z, t, sched, temperature=temperature, x_init_NC=x_init_NC, noise_fn=noise_fn)
     return sample_residual_fast(net, z, t, sched, temperature, x_init_NC, noise_fn, cuda_graph=cuda_graph)
 
 

@@ -302,7 +302,13 @@ class HartPipeline:
     @torch.inference_mode()
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         """Latent f_hat (B, Cvae, P, P) -> images (B, 3, H, W) float32 in [0, 1]."""
-        img = self.tokenizer.fhat_to_img(f_hat.to(self.device, self.dtype))
+        f_hat = f_hat.to(self.device, self.dtype)
+        if self.fast:
+            from hart_fast.model.vae_fast import fhat_to_img_fast
+
+            img = fhat_to_img_fast(self.tokenizer, f_hat)
+        else:
+            img = self.tokenizer.fhat_to_img(f_hat)
         return img.float().add_(1).mul_(0.5)
 
     @torch.inference_mode()

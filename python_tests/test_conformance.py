@@ -30,10 +30,9 @@ from safetensors.torch import load_file
 from hart_fast.pipeline import HartPipeline
 from hart_fast.sampling import cfg_ratio, gumbel_mix, gumbel_softmax
 
-REF = os.environ.get(
-    "HART_FAST_REFERENCE_DIR",
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "tiny_llama"),
-)
+from tiny_models import REFERENCE_DIR  # noqa: E402
+
+REF = REFERENCE_DIR
 
 if not os.path.isdir(REF):  # not a hardware skip: the reference data must be present
     raise RuntimeError(

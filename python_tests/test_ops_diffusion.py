@@ -32,9 +32,11 @@ import hart_fast.ops as ops
 from hart_fast.model.diffusion import RespacedSchedule, SimpleMLPAdaLN, iddpm_step, sample_residual
 from hart_fast.model.diffusion_fast import _ada_cache, mlp_forward_fast, sample_residual_fast
 from hart_fast.ops import iddpm_step_fused, iddpm_step_fused_reference, schedule_scalars
-from hart_fast.ops.triton_epilogues import gated_residual, gated_residual_reference
+from hart_fast.ops.triton_epilogues import gated_residual
 
-REF_DIR = "/work/shared/reference/tiny_llama"
+from tiny_models import REFERENCE_DIR  # noqa: E402
+
+REF_DIR = REFERENCE_DIR
 SCHED = RespacedSchedule.build("8")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import hart_fast.ops as ops
 from hart_fast.ops import (
@@ -30,7 +29,9 @@ from hart_fast.ops import (
 
 HART_PN = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-REF_DIR = "/work/shared/reference/tiny_llama"
+from tiny_models import REFERENCE_DIR  # noqa: E402
+
+REF_DIR = REFERENCE_DIR
 
 
 def _lowp_bound(out, x, fn, *args):

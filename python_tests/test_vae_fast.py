@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from hart_fast.model.tokenizer import Decoder
 from hart_fast.model.vae_fast import FastDecoder, decode_tiled, fhat_to_img_fast
 
-REF = os.environ.get("HART_FAST_REFERENCE_DIR", "/work/shared/reference/tiny_llama")
+from tiny_models import REFERENCE_DIR  # noqa: E402
+
+REF = REFERENCE_DIR
 
 
 def small_decoder(seed=0, dtype=torch.float32, device="cpu"):

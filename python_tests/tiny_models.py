@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from hart_fast.demo import randomize_, write_model_folder
+
+# The official implementation's recorded outputs (shared/ sits beside the checkout).
+REFERENCE_DIR = os.environ.get(
+    "HART_FAST_REFERENCE_DIR",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "reference", "tiny_llama"),
+)
 
 TINY_LLM = dict(
     context_token=6, context_dim=24, depth=2, embed_dim=32, num_heads=2, mlp_ratio=4.0,
@@ -33,4 +41,4 @@ def random_prompts(B, T, D, seed=0):
     return context, mask
 
 
-__all__ = ["TINY_LLM", "TINY_TOK", "write_model", "random_prompts", "randomize_"]
+__all__ = ["TINY_LLM", "TINY_TOK", "REFERENCE_DIR", "write_model", "random_prompts", "randomize_"]
