@@ -38,6 +38,16 @@ from hart_fast.ops.norm import (  # noqa: E402
     rms_norm_modulate_reference,
 )
 from hart_fast.ops.vq import vq_nearest_code, vq_nearest_code_reference  # noqa: E402
+from hart_fast.ops.attention import (  # noqa: E402
+    attention,
+    ms_attention,
+    ms_attention_block_causal,
+    ms_attention_block_causal_reference,
+    ms_attention_reference,
+    qkv_rope_cache,
+    qkv_rope_cache_reference,
+)
+from hart_fast.ops.sampling import cfg_top_k_filter, cfg_top_k_filter_reference  # noqa: E402
 
 __all__ = [
     "HAS_CUDA_KERNELS",
@@ -49,4 +59,13 @@ __all__ = [
     "rms_norm_modulate_reference",
     "vq_nearest_code",
     "vq_nearest_code_reference",
+    "attention",
+    "ms_attention",
+    "ms_attention_reference",
+    "ms_attention_block_causal",
+    "ms_attention_block_causal_reference",
+    "qkv_rope_cache",
+    "qkv_rope_cache_reference",
+    "cfg_top_k_filter",
+    "cfg_top_k_filter_reference",
 ]
