@@ -13,6 +13,8 @@
 // hart_fast/ops/attention.py CUDA_CROSSOVER).
 #include <algorithm>
 #include <climits>
+#include <cstdint>
+#include <cstring>
 
 #include <cuda_runtime.h>
 
@@ -169,9 +171,210 @@ __global__ void attention_combine_kernel(AttnParams p, int splits, const float* 
   out[c] = Storage<S>::store(hf_mul(acc, inv));
 }
 
+
+// ---------------------------------------------------------------------------
+// Decode path for stages with few queries (lq <= kDecodeMaxQ, no per-query
+// key limit).  Each warp is an independent KV split: lane `lane` scores key
+// j0 + lane against up to QN queries (q staged in shared memory, read as
+// broadcasts), the warp then accumulates p * v with v rows read coalesced
+// (lane owns head dims lane, lane + 32, ...).  Every warp writes its partial
+// (max, sum, acc) and attention_combine_kernel merges them.  Compared with
+// the tile kernel this keeps all 32 lanes busy when there is one query, and
+// spreads one (b, h) over many SMs, which is what a 10k-key cache needs.
+// ---------------------------------------------------------------------------
+
+// Loads N consecutive elements into fp32 registers, with 16-byte vector loads
+// when `vec` (the caller checked the alignment; N * sizeof(S) is a multiple of 16).
+template <typename S, int N>
+__device__ __forceinline__ void load_chunk(const S* src, float* dst, bool vec) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(S));
+  static_assert(N % kVec == 0, "chunk must be a whole number of 16-byte vectors");
+  if (vec) {
+    const uint4* s4 = reinterpret_cast<const uint4*>(src);
+#pragma unroll
+    for (int v = 0; v < N / kVec; ++v) {
+      const uint4 u = s4[v];
+      S e[kVec];
+      memcpy(e, &u, sizeof(u));
+#pragma unroll
+      for (int t = 0; t < kVec; ++t) dst[v * kVec + t] = hf_load(e[t]);
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < N; ++c) dst[c] = hf_load(src[c]);
+  }
+}
+
+constexpr int kDecodeMaxQ = 16;
+constexpr int kDecodeWarps = 4;
+
+template <typename S, int D, int QN>
+__global__ void __launch_bounds__(kDecodeWarps * 32)
+    attention_decode_kernel(AttnParams p, int64_t keys_per_warp, int warps_per_bh,
+                            float* part_acc, float* part_ml) {
+  constexpr int kDims = (D + 31) / 32;  // head dims per lane in the p.v update
+  __shared__ float qs[QN][D];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int64_t bh = blockIdx.y;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.z) * QN;
+  const int nq = static_cast<int>(min(static_cast<int64_t>(QN), p.lq - q0));
+
+  const S* qb = static_cast<const S*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
+  for (int idx = threadIdx.x; idx < QN * D; idx += blockDim.x) {
+    const int qi = idx / D, c = idx % D;
+    qs[qi][c] = qi < nq ? hf_load(qb[(q0 + qi) * p.q_strides[2] + c]) : 0.0f;
+  }
+  __syncthreads();
+
+  const int wsplit = blockIdx.x * kDecodeWarps + warp;  // this warp's split
+  if (wsplit >= warps_per_bh) return;                   // whole warp, after the only barrier
+  const int64_t k_begin = static_cast<int64_t>(wsplit) * keys_per_warp;
+  const int64_t k_end = min(p.kv_len, k_begin + keys_per_warp);
+  const S* kb = static_cast<const S*>(p.k) + b * p.k_strides[0] + h * p.k_strides[1];
+  const S* vb = static_cast<const S*>(p.v) + b * p.v_strides[0] + h * p.v_strides[1];
+  const float mult = hf_mul(p.scale, kLog2e);
+
+  float m[QN], lsum[QN], acc[QN][kDims];
+#pragma unroll
+  for (int qi = 0; qi < QN; ++qi) {
+    m[qi] = neg_inf();
+    lsum[qi] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < kDims; ++e) acc[qi][e] = 0.0f;
+  }
+
+  for (int64_t j0 = k_begin; j0 < k_end; j0 += 32) {
+    const int64_t j = j0 + lane;
+    const bool valid = j < k_end;
+    float s[QN];
+#pragma unroll
+    for (int qi = 0; qi < QN; ++qi) s[qi] = 0.0f;
+    if (valid) {
+      const S* kr = kb + j * p.k_strides[2];
+      // 16-byte loads when the row allows it (the usual contiguous cache).
+      const bool vec = (reinterpret_cast<uintptr_t>(kr) & 15u) == 0;
+      constexpr int CW = D < 32 ? D : 32;
+#pragma unroll
+      for (int c0 = 0; c0 < D; c0 += CW) {
+        float kc[CW];
+        load_chunk<S, CW>(kr + c0, kc, vec);
+#pragma unroll
+        for (int c = 0; c < CW; ++c) {
+#pragma unroll
+          for (int qi = 0; qi < QN; ++qi) s[qi] = hf_add(s[qi], hf_mul(qs[qi][c0 + c], kc[c]));
+        }
+      }
+    }
+    float pr[QN];
+#pragma unroll
+    for (int qi = 0; qi < QN; ++qi) {
+      const float sc = valid ? hf_mul(s[qi], mult) : neg_inf();
+      float cmax = sc;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) cmax = fmaxf(cmax, __shfl_xor_sync(0xffffffffu, cmax, o));
+      const float m_new = fmaxf(m[qi], cmax);
+      const float ref = hf_safe_max(m_new);
+      const float corr = exp2f(hf_sub(m[qi], ref));
+      pr[qi] = exp2f(hf_sub(sc, ref));
+      lsum[qi] = hf_add(hf_mul(lsum[qi], corr), pr[qi]);  // lane-local partial sum
+#pragma unroll
+      for (int e = 0; e < kDims; ++e) acc[qi][e] = hf_mul(acc[qi][e], corr);
+      m[qi] = m_new;
+    }
+    const int nk = static_cast<int>(min(static_cast<int64_t>(32), k_end - j0));
+    for (int kk = 0; kk < nk; ++kk) {
+      const S* vr = vb + (j0 + kk) * p.v_strides[2];
+      float vv[kDims];
+#pragma unroll
+      for (int e = 0; e < kDims; ++e) {
+        const int c = lane + 32 * e;
+        vv[e] = c < D ? hf_load(vr[c]) : 0.0f;
+      }
+#pragma unroll
+      for (int qi = 0; qi < QN; ++qi) {
+        const float pk = __shfl_sync(0xffffffffu, pr[qi], kk);
+#pragma unroll
+        for (int e = 0; e < kDims; ++e) acc[qi][e] = hf_add(acc[qi][e], hf_mul(pk, vv[e]));
+      }
+    }
+  }
+
+  const int64_t rows = p.B * p.H * p.lq;
+#pragma unroll
+  for (int qi = 0; qi < QN; ++qi) {
+    float l = lsum[qi];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) l = hf_add(l, __shfl_xor_sync(0xffffffffu, l, o));
+    if (qi >= nq) continue;
+    const int64_t row = static_cast<int64_t>(wsplit) * rows + bh * p.lq + q0 + qi;
+#pragma unroll
+    for (int e = 0; e < kDims; ++e) {
+      const int c = lane + 32 * e;
+      if (c < D) part_acc[row * D + c] = acc[qi][e];
+    }
+    if (lane == 0) {
+      part_ml[row * 2] = m[qi];
+      part_ml[row * 2 + 1] = l;
+    }
+  }
+}
+
+// Work split of the decode path: warps per (b, h, query group) so that the
+// whole grid has ~16 warps per SM, each warp with >= 64 keys (a multiple of 32).
+struct DecodeSplit {
+  int warps_per_bh = 1;
+  int64_t keys_per_warp = 32;
+};
+
+DecodeSplit decode_split(const AttnParams& p, int num_sms) {
+  const int64_t qn = p.lq == 1 ? 1 : 4;
+  const int64_t groups = p.B * p.H * ((p.lq + qn - 1) / qn);
+  const int64_t target = 16 * static_cast<int64_t>(num_sms > 0 ? num_sms : 132);
+  int64_t w = (target + groups - 1) / groups;
+  w = std::min<int64_t>(w, (p.kv_len + 63) / 64);
+  w = std::max<int64_t>(std::min<int64_t>(w, 256), 1);
+  DecodeSplit d;
+  const int64_t kpw = (p.kv_len + w - 1) / w;
+  d.keys_per_warp = (kpw + 31) / 32 * 32;
+  d.warps_per_bh = static_cast<int>((p.kv_len + d.keys_per_warp - 1) / d.keys_per_warp);
+  return d;
+}
+
+bool use_decode(const AttnParams& p) { return p.lq <= kDecodeMaxQ && p.kv_end == nullptr; }
+
+template <typename S, int D>
+cudaError_t decode_typed(const AttnParams& p, int nparts, float* part_acc, float* part_ml,
+                         cudaStream_t stream) {
+  // nparts came from attention_num_splits with the same p; recompute the split.
+  const int64_t keys_per_warp = (p.kv_len + nparts - 1) / nparts;
+  const int64_t kpw = (keys_per_warp + 31) / 32 * 32;
+  const int warps = static_cast<int>((p.kv_len + kpw - 1) / kpw);
+  const unsigned blocks_x = static_cast<unsigned>((nparts + kDecodeWarps - 1) / kDecodeWarps);
+  if (p.lq == 1) {
+    const dim3 grid(blocks_x, static_cast<unsigned>(p.B * p.H), 1);
+    attention_decode_kernel<S, D, 1>
+        <<<grid, kDecodeWarps * 32, 0, stream>>>(p, kpw, warps, part_acc, part_ml);
+  } else {
+    const dim3 grid(blocks_x, static_cast<unsigned>(p.B * p.H),
+                    static_cast<unsigned>((p.lq + 3) / 4));
+    attention_decode_kernel<S, D, 4>
+        <<<grid, kDecodeWarps * 32, 0, stream>>>(p, kpw, warps, part_acc, part_ml);
+  }
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  // warps <= nparts (the rounding to whole chunks can leave trailing slots
+  // unused); the combine reads exactly the `warps` partials written.
+  attention_combine_kernel<S, D>
+      <<<static_cast<unsigned>(p.B * p.H * p.lq), D, 0, stream>>>(p, warps, part_acc, part_ml);
+  return cudaGetLastError();
+}
+
 template <typename S, int D>
 cudaError_t attention_typed(const AttnParams& p, int splits, float* part_acc, float* part_ml,
                             cudaStream_t stream) {
+  if (use_decode(p)) return decode_typed<S, D>(p, splits, part_acc, part_ml, stream);
   const int64_t qtiles = (p.lq + kQTile - 1) / kQTile;
   const int64_t kps = (p.kv_len + splits - 1) / splits;
   constexpr int kKTile = Tile<D>::kKTile;
@@ -345,17 +548,11 @@ cudaError_t launch_qkv_rope_cache(const QkvRopeParams& p, cudaStream_t stream) {
 }
 
 int attention_num_splits(const AttnParams& p, int num_sms) {
-  // Split the keys only for stages with few queries, where (b, h, query
-  // tile) CTAs alone cannot fill the GPU.  Each split keeps >= 256 keys so
-  // the combine pass stays cheap next to the main kernel.
-  if (p.lq > 16 || p.kv_end != nullptr) return 1;
-  const int64_t ctas = ((p.lq + kQTile - 1) / kQTile) * p.B * p.H;
-  const int64_t target = 2 * static_cast<int64_t>(num_sms > 0 ? num_sms : 132);
-  if (ctas >= target) return 1;
-  int64_t splits = (target + ctas - 1) / ctas;
-  splits = std::min<int64_t>(splits, (p.kv_len + 255) / 256);
-  splits = std::min<int64_t>(splits, 64);
-  return static_cast<int>(splits < 1 ? 1 : splits);
+  // Few queries: the decode path, one partial per warp (see decode_split).
+  // Otherwise the tile kernel covers the GPU with (b, h, query tile) CTAs.
+  if (!use_decode(p)) return 1;
+  const int w = decode_split(p, num_sms).warps_per_bh;
+  return w < 2 ? 2 : w;  // the decode path always goes through the combine
 }
 
 cudaError_t launch_attention(const AttnParams& p, int splits, float* part_acc, float* part_ml,
