@@ -9,6 +9,14 @@
 // running max / sum / accumulator are updated once per tile.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HF_X86_AVX2_KERNELS 1
+#else
+#define HF_X86_AVX2_KERNELS 0
+#endif
 #include <functional>
 #include <limits>
 #include <vector>
@@ -85,8 +93,99 @@ void qkv_rope_rows(const QkvRopeParams& p, int64_t begin, int64_t end) {
 // ----------------------------------------------------------------------------
 // attention
 // ----------------------------------------------------------------------------
-template <typename S, int D>
-void attention_task(const AttnParams& p, int64_t b, int64_t h, int64_t q0, int64_t q1) {
+
+#if HF_X86_AVX2_KERNELS
+// AVX2 + FMA micro-kernels of the attention tile (selected at run time, see
+// attention_task).  Four queries share every load of the K / V tile; the
+// accumulators live in registers across the head-dim (scores) or key (p.v)
+// loop, which the auto-vectoriser did not manage (it kept them in memory).
+__attribute__((target("avx2,fma"))) inline void scores4_avx2(const float* q0, const float* q1,
+                                                             const float* q2, const float* q3,
+                                                             const float* kt, int D, int64_t nk,
+                                                             float* s0, float* s1, float* s2,
+                                                             float* s3) {
+  // kt: (D, kKBlock) row-major, zero padded to a multiple of 8 keys.
+  for (int64_t j = 0; j < nk; j += 8) {
+    __m256 r0 = _mm256_setzero_ps(), r1 = _mm256_setzero_ps();
+    __m256 r2 = _mm256_setzero_ps(), r3 = _mm256_setzero_ps();
+    for (int c = 0; c < D; ++c) {
+      const __m256 kv = _mm256_load_ps(kt + c * kKBlock + j);
+      r0 = _mm256_fmadd_ps(_mm256_broadcast_ss(q0 + c), kv, r0);
+      r1 = _mm256_fmadd_ps(_mm256_broadcast_ss(q1 + c), kv, r1);
+      r2 = _mm256_fmadd_ps(_mm256_broadcast_ss(q2 + c), kv, r2);
+      r3 = _mm256_fmadd_ps(_mm256_broadcast_ss(q3 + c), kv, r3);
+    }
+    _mm256_storeu_ps(s0 + j, r0);
+    _mm256_storeu_ps(s1 + j, r1);
+    _mm256_storeu_ps(s2 + j, r2);
+    _mm256_storeu_ps(s3 + j, r3);
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline void pv4_avx2(const float* p0, const float* p1,
+                                                         const float* p2, const float* p3,
+                                                         const float* vt, int D, int64_t nk,
+                                                         float* a0, float* a1, float* a2,
+                                                         float* a3) {
+  // vt: (kKBlock, D) row-major; a*: D accumulators each (D % 8 == 0).
+  for (int c = 0; c < D; c += 8) {
+    __m256 r0 = _mm256_load_ps(a0 + c), r1 = _mm256_load_ps(a1 + c);
+    __m256 r2 = _mm256_load_ps(a2 + c), r3 = _mm256_load_ps(a3 + c);
+    for (int64_t j = 0; j < nk; ++j) {
+      const __m256 vv = _mm256_load_ps(vt + j * D + c);
+      r0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p0 + j), vv, r0);
+      r1 = _mm256_fmadd_ps(_mm256_broadcast_ss(p1 + j), vv, r1);
+      r2 = _mm256_fmadd_ps(_mm256_broadcast_ss(p2 + j), vv, r2);
+      r3 = _mm256_fmadd_ps(_mm256_broadcast_ss(p3 + j), vv, r3);
+    }
+    _mm256_store_ps(a0 + c, r0);
+    _mm256_store_ps(a1 + c, r1);
+    _mm256_store_ps(a2 + c, r2);
+    _mm256_store_ps(a3 + c, r3);
+  }
+}
+#endif
+
+// a * b + c: one fused operation in the AVX2/FMA build (attention needs no
+// bit-faithfulness, only fp32 accumulation), two roundings otherwise.
+template <bool kFma>
+__attribute__((always_inline)) inline float madd(float a, float b, float c) {
+  if constexpr (kFma) {
+    return __builtin_fmaf(a, b, c);
+  } else {
+    return c + a * b;
+  }
+}
+
+
+// 2^x for x <= 0 in the softmax loop, written so that the loop vectorises
+// (std::exp2 is a scalar libm call, which dominated the CPU kernel).  Range
+// reduction x = n + f, |f| <= 1/2, then a degree-7 Taylor polynomial of
+// e^(f ln 2) (truncation error < 1e-8 relative, below fp32 rounding) scaled
+// by 2^n through the exponent bits.  Inputs below -126 flush to 2^-126 * p,
+// i.e. ~1e-38 instead of 0, which is invisible next to the row sum (>= 1).
+__attribute__((always_inline)) inline float exp2_poly(float x) {
+  x = std::max(x, -126.0f);
+  const float n = std::floor(x + 0.5f);
+  const float f = x - n;
+  float p = 1.525273380405984e-05f;
+  p = p * f + 1.5403530393381606e-04f;
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.618129107628477e-03f;
+  p = p * f + 5.550410866482158e-02f;
+  p = p * f + 2.402265069591007e-01f;
+  p = p * f + 6.931471805599453e-01f;
+  p = p * f + 1.0f;
+  const int32_t e = static_cast<int32_t>(n) + 127;
+  float scale;
+  const uint32_t bits = static_cast<uint32_t>(e) << 23;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+template <typename S, int D, bool kFma>
+__attribute__((always_inline)) inline void attention_task_body(const AttnParams& p, int64_t b,
+                                                               int64_t h, int64_t q0, int64_t q1) {
   const int64_t nq = q1 - q0;
   alignas(64) float qf[kQBlock][D];
   alignas(64) float acc[kQBlock][D];
@@ -114,6 +213,20 @@ void attention_task(const AttnParams& p, int64_t b, int64_t h, int64_t q0, int64
     kv_max = std::max(kv_max, qend[i]);
   }
 
+  // Rows nq..nq_pad-1 are zero padding so the score and p.v loops can run in
+  // groups of four queries that share every load of the K / V tile.
+  // One query (the first stages and most of decoding) runs unpadded.
+  const int64_t nq_pad = nq == 1 ? 1 : (nq + 3) / 4 * 4;
+  for (int64_t i = nq; i < nq_pad; ++i) {
+    for (int c = 0; c < D; ++c) {
+      qf[i][c] = 0.0f;
+      acc[i][c] = 0.0f;
+    }
+    m[i] = neg_inf;
+    lsum[i] = 0.0f;
+    qend[i] = 0;
+  }
+
   for (int64_t j0 = 0; j0 < kv_max; j0 += kKBlock) {
     const int64_t nk = std::min(kKBlock, kv_max - j0);
     for (int64_t j = 0; j < nk; ++j) {
@@ -124,37 +237,93 @@ void attention_task(const AttnParams& p, int64_t b, int64_t h, int64_t q0, int64
         vt[j][c] = hf_load(vr[c]);
       }
     }
-    for (int64_t i = 0; i < nq; ++i) {
-      float* si = s[i];
-      for (int64_t j = 0; j < nk; ++j) si[j] = 0.0f;
+    for (int c = 0; c < D; ++c) {
+      for (int64_t j = nk; j < kKBlock; ++j) kt[c][j] = 0.0f;  // whole 8-key vectors
+    }
+    if (nq_pad == 1) {
+      float* __restrict__ s0 = s[0];
+      for (int64_t j = 0; j < nk; ++j) s0[j] = 0.0f;
       for (int c = 0; c < D; ++c) {
-        const float qc = qf[i][c];
-        const float* kc = kt[c];
-        for (int64_t j = 0; j < nk; ++j) si[j] += qc * kc[j];
+        const float a0 = qf[0][c];
+        const float* __restrict__ kc = kt[c];
+        for (int64_t j = 0; j < nk; ++j) s0[j] = madd<kFma>(a0, kc[j], s0[j]);
       }
+    }
+    for (int64_t i = 0; i + 4 <= nq_pad; i += 4) {
+#if HF_X86_AVX2_KERNELS
+      if constexpr (kFma) {
+        scores4_avx2(qf[i], qf[i + 1], qf[i + 2], qf[i + 3], &kt[0][0], D, nk, s[i], s[i + 1],
+                     s[i + 2], s[i + 3]);
+        continue;
+      }
+#endif
+      float* __restrict__ s0 = s[i];
+      float* __restrict__ s1 = s[i + 1];
+      float* __restrict__ s2 = s[i + 2];
+      float* __restrict__ s3 = s[i + 3];
+      for (int64_t j = 0; j < nk; ++j) s0[j] = s1[j] = s2[j] = s3[j] = 0.0f;
+      for (int c = 0; c < D; ++c) {
+        const float a0 = qf[i][c], a1 = qf[i + 1][c], a2 = qf[i + 2][c], a3 = qf[i + 3][c];
+        const float* __restrict__ kc = kt[c];
+        for (int64_t j = 0; j < nk; ++j) {
+          const float kv = kc[j];
+          s0[j] = madd<kFma>(a0, kv, s0[j]);
+          s1[j] = madd<kFma>(a1, kv, s1[j]);
+          s2[j] = madd<kFma>(a2, kv, s2[j]);
+          s3[j] = madd<kFma>(a3, kv, s3[j]);
+        }
+      }
+    }
+    for (int64_t i = 0; i < nq_pad; ++i) {
+      float* si = s[i];
       const int64_t valid = std::min<int64_t>(nk, std::max<int64_t>(qend[i] - j0, 0));
       float tile_max = neg_inf;
       for (int64_t j = 0; j < valid; ++j) {
         si[j] *= mult;
         tile_max = std::max(tile_max, si[j]);
       }
+      for (int64_t j = valid; j < nk; ++j) si[j] = 0.0f;  // masked: p = 0
       if (valid == 0) continue;
       const float m_new = std::max(m[i], tile_max);
       const float ref = hf_safe_max(m_new);
       const float corr = std::exp2(m[i] - ref);  // 0 when m[i] == -inf
       float psum = 0.0f;
-      for (int64_t j = 0; j < valid; ++j) {
-        si[j] = std::exp2(si[j] - ref);
-        psum += si[j];
-      }
+      for (int64_t j = 0; j < valid; ++j) si[j] = exp2_poly(si[j] - ref);
+      for (int64_t j = 0; j < valid; ++j) psum += si[j];
       lsum[i] = lsum[i] * corr + psum;
       m[i] = m_new;
-      float* ai = acc[i];
-      for (int c = 0; c < D; ++c) ai[c] *= corr;
-      for (int64_t j = 0; j < valid; ++j) {
-        const float pj = si[j];
-        const float* vj = vt[j];
-        for (int c = 0; c < D; ++c) ai[c] += pj * vj[c];
+      for (int c = 0; c < D; ++c) acc[i][c] *= corr;
+    }
+    if (nq_pad == 1) {
+      float* __restrict__ a0 = acc[0];
+      for (int64_t j = 0; j < nk; ++j) {
+        const float p0 = s[0][j];
+        const float* __restrict__ vj = vt[j];
+        for (int c = 0; c < D; ++c) a0[c] = madd<kFma>(p0, vj[c], a0[c]);
+      }
+    }
+    for (int64_t i = 0; i + 4 <= nq_pad; i += 4) {
+#if HF_X86_AVX2_KERNELS
+      if constexpr (kFma) {
+        pv4_avx2(s[i], s[i + 1], s[i + 2], s[i + 3], &vt[0][0], D, nk, acc[i], acc[i + 1],
+                 acc[i + 2], acc[i + 3]);
+        continue;
+      }
+#endif
+      float* __restrict__ a0 = acc[i];
+      float* __restrict__ a1 = acc[i + 1];
+      float* __restrict__ a2 = acc[i + 2];
+      float* __restrict__ a3 = acc[i + 3];
+      for (int64_t j = 0; j < nk; ++j) {
+        const float p0 = s[i][j], p1 = s[i + 1][j], p2 = s[i + 2][j], p3 = s[i + 3][j];
+        const float* __restrict__ vj = vt[j];
+        for (int c = 0; c < D; ++c) {
+          const float vv = vj[c];
+          a0[c] = madd<kFma>(p0, vv, a0[c]);
+          a1[c] = madd<kFma>(p1, vv, a1[c]);
+          a2[c] = madd<kFma>(p2, vv, a2[c]);
+          a3[c] = madd<kFma>(p3, vv, a3[c]);
+        }
       }
     }
   }
@@ -164,6 +333,34 @@ void attention_task(const AttnParams& p, int64_t b, int64_t h, int64_t q0, int64
     const float inv = lsum[i] > 0.0f ? 1.0f / lsum[i] : 0.0f;
     for (int c = 0; c < D; ++c) orow[c] = Storage<S>::store(acc[i][c] * inv);
   }
+}
+
+// The extension is built for baseline x86-64 (SSE2); the hot loops get an
+// AVX2 + FMA clone selected at run time.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HF_HAVE_AVX2_CLONE 1
+template <typename S, int D>
+__attribute__((target("avx2,fma"))) void attention_task_avx2(const AttnParams& p, int64_t b,
+                                                             int64_t h, int64_t q0, int64_t q1) {
+  attention_task_body<S, D, true>(p, b, h, q0, q1);
+}
+bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#else
+#define HF_HAVE_AVX2_CLONE 0
+#endif
+
+template <typename S, int D>
+void attention_task(const AttnParams& p, int64_t b, int64_t h, int64_t q0, int64_t q1) {
+#if HF_HAVE_AVX2_CLONE
+  if (cpu_has_avx2_fma()) {
+    attention_task_avx2<S, D>(p, b, h, q0, q1);
+    return;
+  }
+#endif
+  attention_task_body<S, D, false>(p, b, h, q0, q1);
 }
 
 template <typename S, int D>
