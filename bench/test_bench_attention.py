@@ -24,7 +24,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 # (lq, kv_len) per device.
 ATTN_SHAPES = {
     "cpu": [(1, 2000), (64, 1500), (256, 1000)],
-    "cuda": [(1, 9750), (4, 1000), (64, 2000), (256, 1500), (1024, 5654), (4096, 9750)],
+    "cuda": [(1, 301), (1, 9750), (4, 1000), (9, 1500), (16, 1500), (64, 2000), (256, 1500), (1024, 5654), (4096, 9750)],
 }
 ROUNDS = {"cpu": 5, "cuda": 30}
 
