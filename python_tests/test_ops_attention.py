@@ -300,12 +300,22 @@ def test_attention_backend_errors():
             attention(q, k, v, 4, 0.1, backend="flash")
 
 
-def test_auto_backend_choice():
-    from hart_fast.ops.attention import _choose_backend
+def test_auto_backend_choice(monkeypatch):
+    import importlib
 
-    assert _choose_backend(torch.empty(1, 1, 4096, 16)) == "ours"  # CPU: always ours
-    meta_cuda = torch.empty(1, 1, 1, 16, device="meta")
-    assert _choose_backend(meta_cuda) == "ours"
+    attn_mod = importlib.import_module("hart_fast.ops.attention")
+    assert attn_mod._choose_backend(torch.empty(1, 1, 4096, 16)) == "ours"  # CPU: always ours
+
+    class FakeCuda:  # only .device.type and .shape are consulted
+        def __init__(self, shape):
+            self.shape = shape
+            self.device = torch.device("cuda")
+
+    assert attn_mod._choose_backend(FakeCuda((2, 24, 16, 64))) == "ours"
+    assert attn_mod._choose_backend(FakeCuda((2, 24, 25, 64))) == "sdpa"
+    assert attn_mod._choose_backend(FakeCuda((32, 24, 4, 64))) == "sdpa"
+    monkeypatch.setattr(attn_mod, "CUDA_CROSSOVER", ((float("inf"), float("inf"), "ours"),))
+    assert attn_mod._choose_backend(FakeCuda((32, 24, 4096, 64))) == "ours"
 
 
 def test_fallback_without_extension(monkeypatch):

@@ -268,12 +268,17 @@ except Exception:  # noqa: BLE001  (any import failure means "not available")
 
 HAS_FLASH_ATTN = _flash_attn_func is not None
 
-# CUDA crossover: (max queries per (b, h), backend) rows, first match wins.
-# MUST be filled in from device benchmarks (bench/test_bench_attention.py on
-# the target GPU); the default -- our kernel for lq <= 64, SDPA above -- only
-# reflects that our SIMT kernel wins where SDPA's kernels are launch/latency
-# bound (few queries, long KV) and loses to tensor-core kernels on large tiles.
-CUDA_CROSSOVER = ((64, "ours"), (float("inf"), "sdpa"))
+# CUDA crossover: rows (max queries per (b, h), max B*H, backend), first match
+# wins, SDPA otherwise.  Must be (re)filled from device benchmarks
+# (bench/attention_crossover.py on the target GPU).  Measured on an H200, bf16,
+# H=24, d=64 over HART 1024px's stage sequence (kernel time, back to back):
+#   B*H = 48 (batch 1 + CFG):  lq 4 / 9 / 16 -> ours 16-20 us vs SDPA 42-47 us;
+#                              lq >= 25 -> SDPA (our SIMT tile kernel is 2-30x slower,
+#                              SDPA uses tensor cores).
+#   B*H = 768 (batch 16 + CFG): SDPA at every stage (lq 4: 64 us vs 41 us).
+# So our kernel (its split-KV decode path) is chosen only for few-query stages
+# of small batches; the tile kernel stays available as backend="ours".
+CUDA_CROSSOVER = ((16, 64, "ours"),)
 
 BACKENDS = ("auto", "ours", "sdpa", "flash")
 
@@ -281,9 +286,9 @@ BACKENDS = ("auto", "ours", "sdpa", "flash")
 def _choose_backend(q: torch.Tensor) -> str:
     if q.device.type != "cuda":
         return "ours"
-    lq = q.shape[2]
-    for limit, backend in CUDA_CROSSOVER:
-        if lq <= limit:
+    lq, bh = q.shape[2], q.shape[0] * q.shape[1]
+    for max_lq, max_bh, backend in CUDA_CROSSOVER:
+        if lq <= max_lq and bh <= max_bh:
             return backend
     return "sdpa"
 
@@ -299,7 +304,8 @@ def attention(
     """Attention of one stage over the first kv_len cached keys, by backend.
 
     "ours": :func:`ms_attention`; "sdpa": PyTorch SDPA; "flash": flash-attn
-    (only when importable); "auto": ours on CPU, on CUDA by CUDA_CROSSOVER.
+    (only when importable); "auto": ours on CPU, on CUDA by CUDA_CROSSOVER
+    (our kernel for lq <= 16 with B*H <= 64, SDPA otherwise, from H200 timings).
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention: expected backend to be one of {BACKENDS}, but got {backend!r}.")
