@@ -412,14 +412,19 @@ cudaError_t attention_dispatch_d(const AttnParams& p, int splits, float* pa, flo
 // ---------------------------------------------------------------------------
 template <typename S>
 __global__ void qkv_rope_kernel(QkvRopeParams p) {
-  const int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  // 32-bit index arithmetic: each thread does little work, so 64-bit
+  // divisions would dominate (the launcher guarantees the warp count fits).
+  const uint32_t w = (blockIdx.x * blockDim.x + threadIdx.x) / 32u;
   const int lane = threadIdx.x % 32;
-  const int64_t total = p.B * p.l * p.H * 3;
+  const uint32_t total = static_cast<uint32_t>(p.B * p.l * p.H * 3);
   if (w >= total) return;  // whole warps exit together (blockDim is a multiple of 32)
-  const int which = static_cast<int>(w % 3);
-  const int64_t rest = w / 3;
-  const int64_t h = rest % p.H, bi = rest / p.H;
-  const int64_t i = bi % p.l, b = bi / p.l;
+  const uint32_t H32 = static_cast<uint32_t>(p.H), l32 = static_cast<uint32_t>(p.l);
+  const int which = static_cast<int>(w % 3u);
+  const uint32_t rest = w / 3u;
+  const int64_t h = rest % H32;
+  const uint32_t bi32 = rest / H32;
+  const int64_t bi = bi32;
+  const int64_t i = bi32 % l32, b = bi32 / l32;
   const int64_t H = p.H, d = p.d, half = d / 2;
   const int64_t off = (which * H + h) * d;
   const S* src = static_cast<const S*>(p.qkv) + bi * 3 * H * d + off;
@@ -541,7 +546,7 @@ cudaError_t launch_qkv_rope_cache(const QkvRopeParams& p, cudaStream_t stream) {
   if (p.d > 128 || p.d % 2) return cudaErrorInvalidValue;
   constexpr int kBlock = 256;
   const int64_t blocks = (warps * 32 + kBlock - 1) / kBlock;
-  if (blocks > INT_MAX) return cudaErrorInvalidValue;
+  if (warps * 32 + kBlock > static_cast<int64_t>(UINT32_MAX)) return cudaErrorInvalidValue;
   switch (p.dtype) {
     case DType::kFloat32: qkv_rope_kernel<float><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(p); break;
     case DType::kFloat16: qkv_rope_kernel<half_t><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(p); break;
