@@ -304,18 +304,20 @@ def test_auto_backend_choice(monkeypatch):
     import importlib
 
     attn_mod = importlib.import_module("hart_fast.ops.attention")
-    assert attn_mod._choose_backend(torch.empty(1, 1, 4096, 16)) == "ours"  # CPU: always ours
+    assert attn_mod._choose_backend(torch.empty(1, 1, 4096, 16), 9750) == "ours"  # CPU: always ours
 
     class FakeCuda:  # only .device.type and .shape are consulted
         def __init__(self, shape):
             self.shape = shape
             self.device = torch.device("cuda")
 
-    assert attn_mod._choose_backend(FakeCuda((2, 24, 16, 64))) == "ours"
-    assert attn_mod._choose_backend(FakeCuda((2, 24, 25, 64))) == "sdpa"
-    assert attn_mod._choose_backend(FakeCuda((32, 24, 4, 64))) == "sdpa"
-    monkeypatch.setattr(attn_mod, "CUDA_CROSSOVER", ((float("inf"), float("inf"), "ours"),))
-    assert attn_mod._choose_backend(FakeCuda((32, 24, 4096, 64))) == "ours"
+    assert attn_mod._choose_backend(FakeCuda((2, 24, 16, 64)), 329) == "ours"
+    assert attn_mod._choose_backend(FakeCuda((2, 24, 16, 64)), 9750) == "sdpa"
+    assert attn_mod._choose_backend(FakeCuda((2, 24, 25, 64)), 354) == "sdpa"
+    assert attn_mod._choose_backend(FakeCuda((32, 24, 4, 64)), 304) == "sdpa"
+    inf = float("inf")
+    monkeypatch.setattr(attn_mod, "CUDA_CROSSOVER", ((inf, inf, inf, "ours"),))
+    assert attn_mod._choose_backend(FakeCuda((32, 24, 4096, 64)), 9750) == "ours"
 
 
 def test_fallback_without_extension(monkeypatch):

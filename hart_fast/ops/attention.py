@@ -268,27 +268,31 @@ except Exception:  # noqa: BLE001  (any import failure means "not available")
 
 HAS_FLASH_ATTN = _flash_attn_func is not None
 
-# CUDA crossover: rows (max queries per (b, h), max B*H, backend), first match
-# wins, SDPA otherwise.  Must be (re)filled from device benchmarks
-# (bench/attention_crossover.py on the target GPU).  Measured on an H200, bf16,
-# H=24, d=64 over HART 1024px's stage sequence (kernel time, back to back):
-#   B*H = 48 (batch 1 + CFG):  lq 4 / 9 / 16 -> ours 16-20 us vs SDPA 42-47 us;
-#                              lq >= 25 -> SDPA (our SIMT tile kernel is 2-30x slower,
-#                              SDPA uses tensor cores).
-#   B*H = 768 (batch 16 + CFG): SDPA at every stage (lq 4: 64 us vs 41 us).
+# CUDA crossover: rows (max queries per (b, h), max B*H, max kv_len, backend),
+# first match wins, SDPA otherwise.  Must be (re)filled from device benchmarks
+# (bench/attention_crossover.py and bench/test_bench_attention.py on the target
+# GPU).  Measured on an H200, bf16, H=24, d=64:
+#   HART 1024px stage sequence, kernel time back to back (attention_crossover.py):
+#     B*H = 48 (batch 1 + CFG):   lq 4 / 9 / 16 (kv 304-329) -> ours 16-20 us vs SDPA
+#                                 42-47 us; lq >= 25 -> SDPA (our SIMT tile kernel is
+#                                 2-30x slower; SDPA uses tensor cores).
+#     B*H = 768 (batch 16 + CFG): SDPA at every stage (lq 4: 64 us vs 41 us).
+#   Per call with sync (test_bench_attention.py, B*H = 48): lq 4 / kv 1000 ours 36 us
+#   vs 42 us; lq 9 / kv 1500 57 vs 47; lq 16 / kv 1500 67 vs 47; lq 1 / kv 9750
+#   107 vs 60: our decode path loses on long caches.
 # So our kernel (its split-KV decode path) is chosen only for few-query stages
-# of small batches; the tile kernel stays available as backend="ours".
-CUDA_CROSSOVER = ((16, 64, "ours"),)
+# of small batches over short caches; backend="ours" forces it anywhere.
+CUDA_CROSSOVER = ((16, 64, 1024, "ours"),)
 
 BACKENDS = ("auto", "ours", "sdpa", "flash")
 
 
-def _choose_backend(q: torch.Tensor) -> str:
+def _choose_backend(q: torch.Tensor, kv_len: int) -> str:
     if q.device.type != "cuda":
         return "ours"
     lq, bh = q.shape[2], q.shape[0] * q.shape[1]
-    for max_lq, max_bh, backend in CUDA_CROSSOVER:
-        if lq <= max_lq and bh <= max_bh:
+    for max_lq, max_bh, max_kv, backend in CUDA_CROSSOVER:
+        if lq <= max_lq and bh <= max_bh and kv_len <= max_kv:
             return backend
     return "sdpa"
 
@@ -305,12 +309,13 @@ def attention(
 
     "ours": :func:`ms_attention`; "sdpa": PyTorch SDPA; "flash": flash-attn
     (only when importable); "auto": ours on CPU, on CUDA by CUDA_CROSSOVER
-    (our kernel for lq <= 16 with B*H <= 64, SDPA otherwise, from H200 timings).
+    (our kernel for lq <= 16, B*H <= 64, kv_len <= 1024; SDPA otherwise; from
+    H200 timings).
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention: expected backend to be one of {BACKENDS}, but got {backend!r}.")
     if backend == "auto":
-        backend = _choose_backend(q)
+        backend = _choose_backend(q, kv_len)
     if backend == "ours":
         return ms_attention(q, k_cache, v_cache, kv_len, scale)
     if backend == "sdpa":
