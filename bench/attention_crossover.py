@@ -35,6 +35,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=2, help="batch including the CFG doubling")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--block-causal", action="store_true", help="also time the full block-causal pass")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     B, H, d = args.batch, 24, 64
@@ -54,6 +55,24 @@ def main():
         err = (torch.ops.hart_fast.ms_attention(q, k, v, kv, 0.125).float()
                - ops.ms_attention_reference(q.float(), k.float(), v.float(), kv, 0.125)).abs().max().item()
         print(f"{lq:>6} {kv:>6} {t_ours:>9.1f} {t_sdpa:>9.1f} {'ours' if t_ours < t_sdpa else 'sdpa':>6}  err={err:.2e}")
+    if args.block_causal:
+        block_causal(B, dtype)
+
+
+def block_causal(B, dtype):
+    """The teacher-forced full pass (forward_full): one block-causal call over L tokens."""
+    H, d = 24, 64
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for patch_nums in (PATCH_NUMS[:10], PATCH_NUMS):
+        lvl = [0] * 300
+        for si, pn in enumerate(patch_nums[1:], start=1):
+            lvl += [si] * (pn * pn)
+        level = torch.tensor(lvl, device="cuda")
+        L = level.numel()
+        q, k, v = (torch.randn(B, H, L, d, device="cuda", dtype=dtype, generator=g) for _ in range(3))
+        t_ours = time_us(lambda: torch.ops.hart_fast.ms_attention_block_causal(q, k, v, level, 0.125), iters=5)
+        t_sdpa = time_us(lambda: ops.ms_attention_block_causal_reference(q, k, v, level, 0.125), iters=5)
+        print(f"block-causal L={L}: ours {t_ours:.1f} us, sdpa+mask {t_sdpa:.1f} us")
 
 
 if __name__ == "__main__":

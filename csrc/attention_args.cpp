@@ -152,7 +152,9 @@ static AttnArgs prepare_common(const char* op, const at::Tensor& q, const at::Te
     TORCH_CHECK_VALUE(t->size(2) >= kv_len, op, ": expected ", name, " to hold at least kv_len = ",
                       kv_len, " keys, but got shape ", t->sizes(), ".");
   }
-  TORCH_CHECK_VALUE(kv_len >= 1, op, ": expected kv_len >= 1, but got ", kv_len, ".");
+  // An empty query set needs no keys (the empty block-causal sequence).
+  TORCH_CHECK_VALUE(kv_len >= 1 || (kv_len == 0 && lq == 0), op,
+                    ": expected kv_len >= 1, but got ", kv_len, ".");
   TORCH_CHECK_VALUE(std::isfinite(scale), op, ": expected a finite scale, but got ", scale, ".");
   AttnArgs a;
   a.q = last_dim_contiguous(q);

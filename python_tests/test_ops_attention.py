@@ -104,6 +104,16 @@ def test_ms_attention_non_contiguous(kernel_device, dtype):
     assert_attn_close(out2, ms_attention_reference, (q, big_k[..., ::2], big_v[..., 1::2], 40, 0.2), dtype)
 
 
+def test_ms_attention_empty(kernel_device):
+    q, k, v = attn_inputs(2, 3, 0, 10, 16, torch.float32, kernel_device)
+    assert ms_attention(q, k, v, 10, 0.3).shape == (2, 0, 48)
+    q, k, v = attn_inputs(0, 3, 4, 10, 16, torch.float32, kernel_device)
+    assert ms_attention(q, k, v, 10, 0.3).shape == (0, 4, 48)
+    lvl = torch.zeros(0, dtype=torch.int64, device=kernel_device)
+    q, k, v = attn_inputs(1, 2, 0, 0, 16, torch.float32, kernel_device)
+    assert ms_attention_block_causal(q, k, v, lvl, 0.3).shape == (1, 0, 32)
+
+
 def test_ms_attention_extreme_scores(kernel_device):
     # Large logits stress the running-max rescaling (no overflow / NaN).
     q, k, v = attn_inputs(1, 2, 7, 300, 16, torch.float32, kernel_device, seed=9, q_scale=30.0)

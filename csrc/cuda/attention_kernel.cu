@@ -558,7 +558,7 @@ cudaError_t launch_qkv_rope_cache(const QkvRopeParams& p, cudaStream_t stream) {
 int attention_num_splits(const AttnParams& p, int num_sms) {
   // Few queries: the decode path, one partial per warp (see decode_split).
   // Otherwise the tile kernel covers the GPU with (b, h, query tile) CTAs.
-  if (!use_decode(p)) return 1;
+  if (!use_decode(p) || p.B * p.H * p.lq == 0) return 1;  // (empty: nothing is launched)
   const int w = decode_split(p, num_sms).warps_per_bh;
   return w < 2 ? 2 : w;  // the decode path always goes through the combine
 }
