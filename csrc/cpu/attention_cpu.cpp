@@ -183,6 +183,69 @@ __attribute__((always_inline)) inline float exp2_poly(float x) {
   return p * scale;
 }
 
+#if HF_X86_AVX2_KERNELS
+// Softmax pieces of one score row: s *= mult and the row max; then
+// s = 2^(s - ref) and the row sum.  Vector versions of the scalar loops in
+// attention_task_body (those stayed scalar: float max / sum reductions and the
+// exp2 polynomial's conversions were not auto-vectorised).
+__attribute__((target("avx2,fma"))) inline float scale_max_avx2(float* s, int64_t n, float mult) {
+  const __m256 vm = _mm256_set1_ps(mult);
+  __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(s + j), vm);
+    _mm256_storeu_ps(s + j, v);
+    mx = _mm256_max_ps(mx, v);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mx);
+  float m = lanes[0];
+  for (int t = 1; t < 8; ++t) m = std::max(m, lanes[t]);
+  for (; j < n; ++j) {
+    s[j] *= mult;
+    m = std::max(m, s[j]);
+  }
+  return m;
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 exp2_avx2(__m256 x) {
+  // Same reduction and polynomial as exp2_poly, 8 lanes at a time.
+  x = _mm256_max_ps(x, _mm256_set1_ps(-126.0f));
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(1.525273380405984e-05f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.5403530393381606e-04f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129107628477e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550410866482158e-02f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402265069591007e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471805599453e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+__attribute__((target("avx2,fma"))) inline float exp2_sum_avx2(float* s, int64_t n, float ref) {
+  const __m256 vr = _mm256_set1_ps(ref);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), vr));
+    _mm256_storeu_ps(s + j, v);
+    acc = _mm256_add_ps(acc, v);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float sum = 0.0f;
+  for (int t = 0; t < 8; ++t) sum += lanes[t];
+  for (; j < n; ++j) {
+    s[j] = exp2_poly(s[j] - ref);
+    sum += s[j];
+  }
+  return sum;
+}
+#endif
+
 template <typename S, int D, bool kFma>
 __attribute__((always_inline)) inline void attention_task_body(const AttnParams& p, int64_t b,
                                                                int64_t h, int64_t q0, int64_t q1) {
@@ -278,9 +341,16 @@ __attribute__((always_inline)) inline void attention_task_body(const AttnParams&
       float* si = s[i];
       const int64_t valid = std::min<int64_t>(nk, std::max<int64_t>(qend[i] - j0, 0));
       float tile_max = neg_inf;
-      for (int64_t j = 0; j < valid; ++j) {
-        si[j] *= mult;
-        tile_max = std::max(tile_max, si[j]);
+#if HF_X86_AVX2_KERNELS
+      if constexpr (kFma) {
+        tile_max = scale_max_avx2(si, valid, mult);
+      } else
+#endif
+      {
+        for (int64_t j = 0; j < valid; ++j) {
+          si[j] *= mult;
+          tile_max = std::max(tile_max, si[j]);
+        }
       }
       for (int64_t j = valid; j < nk; ++j) si[j] = 0.0f;  // masked: p = 0
       if (valid == 0) continue;
@@ -288,8 +358,15 @@ __attribute__((always_inline)) inline void attention_task_body(const AttnParams&
       const float ref = hf_safe_max(m_new);
       const float corr = std::exp2(m[i] - ref);  // 0 when m[i] == -inf
       float psum = 0.0f;
-      for (int64_t j = 0; j < valid; ++j) si[j] = exp2_poly(si[j] - ref);
-      for (int64_t j = 0; j < valid; ++j) psum += si[j];
+#if HF_X86_AVX2_KERNELS
+      if constexpr (kFma) {
+        psum = exp2_sum_avx2(si, valid, ref);
+      } else
+#endif
+      {
+        for (int64_t j = 0; j < valid; ++j) si[j] = exp2_poly(si[j] - ref);
+        for (int64_t j = 0; j < valid; ++j) psum += si[j];
+      }
       lsum[i] = lsum[i] * corr + psum;
       m[i] = m_new;
       for (int c = 0; c < D; ++c) acc[i][c] *= corr;
