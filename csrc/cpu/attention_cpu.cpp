@@ -104,21 +104,35 @@ __attribute__((target("avx2,fma"))) inline void scores4_avx2(const float* q0, co
                                                              const float* kt, int D, int64_t nk,
                                                              float* s0, float* s1, float* s2,
                                                              float* s3) {
-  // kt: (D, kKBlock) row-major, zero padded to a multiple of 8 keys.
-  for (int64_t j = 0; j < nk; j += 8) {
+  // kt: (D, kKBlock) row-major, zero padded up to kKBlock keys.  Two 8-key
+  // vectors per step give 8 independent FMA chains (FMA latency x throughput).
+  for (int64_t j = 0; j < nk; j += 16) {
     __m256 r0 = _mm256_setzero_ps(), r1 = _mm256_setzero_ps();
     __m256 r2 = _mm256_setzero_ps(), r3 = _mm256_setzero_ps();
+    __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps();
+    __m256 t2 = _mm256_setzero_ps(), t3 = _mm256_setzero_ps();
     for (int c = 0; c < D; ++c) {
       const __m256 kv = _mm256_load_ps(kt + c * kKBlock + j);
-      r0 = _mm256_fmadd_ps(_mm256_broadcast_ss(q0 + c), kv, r0);
-      r1 = _mm256_fmadd_ps(_mm256_broadcast_ss(q1 + c), kv, r1);
-      r2 = _mm256_fmadd_ps(_mm256_broadcast_ss(q2 + c), kv, r2);
-      r3 = _mm256_fmadd_ps(_mm256_broadcast_ss(q3 + c), kv, r3);
+      const __m256 kw = _mm256_load_ps(kt + c * kKBlock + j + 8);
+      const __m256 b0 = _mm256_broadcast_ss(q0 + c), b1 = _mm256_broadcast_ss(q1 + c);
+      const __m256 b2 = _mm256_broadcast_ss(q2 + c), b3 = _mm256_broadcast_ss(q3 + c);
+      r0 = _mm256_fmadd_ps(b0, kv, r0);
+      r1 = _mm256_fmadd_ps(b1, kv, r1);
+      r2 = _mm256_fmadd_ps(b2, kv, r2);
+      r3 = _mm256_fmadd_ps(b3, kv, r3);
+      t0 = _mm256_fmadd_ps(b0, kw, t0);
+      t1 = _mm256_fmadd_ps(b1, kw, t1);
+      t2 = _mm256_fmadd_ps(b2, kw, t2);
+      t3 = _mm256_fmadd_ps(b3, kw, t3);
     }
     _mm256_storeu_ps(s0 + j, r0);
     _mm256_storeu_ps(s1 + j, r1);
     _mm256_storeu_ps(s2 + j, r2);
     _mm256_storeu_ps(s3 + j, r3);
+    _mm256_storeu_ps(s0 + j + 8, t0);
+    _mm256_storeu_ps(s1 + j + 8, t1);
+    _mm256_storeu_ps(s2 + j + 8, t2);
+    _mm256_storeu_ps(s3 + j + 8, t3);
   }
 }
 
@@ -127,21 +141,35 @@ __attribute__((target("avx2,fma"))) inline void pv4_avx2(const float* p0, const 
                                                          const float* vt, int D, int64_t nk,
                                                          float* a0, float* a1, float* a2,
                                                          float* a3) {
-  // vt: (kKBlock, D) row-major; a*: D accumulators each (D % 8 == 0).
-  for (int c = 0; c < D; c += 8) {
+  // vt: (kKBlock, D) row-major; a*: D accumulators each (D % 16 == 0).  Two
+  // 8-dim vectors per step: 8 independent FMA chains.
+  for (int c = 0; c < D; c += 16) {
     __m256 r0 = _mm256_load_ps(a0 + c), r1 = _mm256_load_ps(a1 + c);
     __m256 r2 = _mm256_load_ps(a2 + c), r3 = _mm256_load_ps(a3 + c);
+    __m256 t0 = _mm256_load_ps(a0 + c + 8), t1 = _mm256_load_ps(a1 + c + 8);
+    __m256 t2 = _mm256_load_ps(a2 + c + 8), t3 = _mm256_load_ps(a3 + c + 8);
     for (int64_t j = 0; j < nk; ++j) {
       const __m256 vv = _mm256_load_ps(vt + j * D + c);
-      r0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p0 + j), vv, r0);
-      r1 = _mm256_fmadd_ps(_mm256_broadcast_ss(p1 + j), vv, r1);
-      r2 = _mm256_fmadd_ps(_mm256_broadcast_ss(p2 + j), vv, r2);
-      r3 = _mm256_fmadd_ps(_mm256_broadcast_ss(p3 + j), vv, r3);
+      const __m256 vw = _mm256_load_ps(vt + j * D + c + 8);
+      const __m256 b0 = _mm256_broadcast_ss(p0 + j), b1 = _mm256_broadcast_ss(p1 + j);
+      const __m256 b2 = _mm256_broadcast_ss(p2 + j), b3 = _mm256_broadcast_ss(p3 + j);
+      r0 = _mm256_fmadd_ps(b0, vv, r0);
+      r1 = _mm256_fmadd_ps(b1, vv, r1);
+      r2 = _mm256_fmadd_ps(b2, vv, r2);
+      r3 = _mm256_fmadd_ps(b3, vv, r3);
+      t0 = _mm256_fmadd_ps(b0, vw, t0);
+      t1 = _mm256_fmadd_ps(b1, vw, t1);
+      t2 = _mm256_fmadd_ps(b2, vw, t2);
+      t3 = _mm256_fmadd_ps(b3, vw, t3);
     }
     _mm256_store_ps(a0 + c, r0);
     _mm256_store_ps(a1 + c, r1);
     _mm256_store_ps(a2 + c, r2);
     _mm256_store_ps(a3 + c, r3);
+    _mm256_store_ps(a0 + c + 8, t0);
+    _mm256_store_ps(a1 + c + 8, t1);
+    _mm256_store_ps(a2 + c + 8, t2);
+    _mm256_store_ps(a3 + c + 8, t3);
   }
 }
 #endif
@@ -301,7 +329,7 @@ __attribute__((always_inline)) inline void attention_task_body(const AttnParams&
       }
     }
     for (int c = 0; c < D; ++c) {
-      for (int64_t j = nk; j < kKBlock; ++j) kt[c][j] = 0.0f;  // whole 8-key vectors
+      for (int64_t j = nk; j < kKBlock; ++j) kt[c][j] = 0.0f;  // the micro-kernels read whole 16-key blocks
     }
     if (nq_pad == 1) {
       float* __restrict__ s0 = s[0];
