@@ -407,3 +407,25 @@ def test_opcheck(kernel_device):
     torch.library.opcheck(torch.ops.hart_fast.ms_attention_block_causal, (q2, k2, v2, lvl, 0.3))
     qkv, bias, cos, sin, kc, vc, sm = rope_inputs(1, 3, 2, 16, 5, torch.float32, kernel_device, l2=True)
     torch.library.opcheck(torch.ops.hart_fast.qkv_rope_cache, (qkv, bias, cos, sin, kc, vc, 1, sm))
+
+
+def test_portable_cpu_loops(requires_extension):
+    # The AVX2/FMA micro-kernels are chosen at run time; the portable loops
+    # (other CPUs) are forced with HART_FAST_CPU_NO_AVX2, read once per process.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, hart_fast.ops as o\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for lq, d in ((1, 64), (7, 16), (37, 128)):\n"
+        "    q, k, v = (torch.randn(2, 3, n, d, generator=g) for n in (lq, 90, 90))\n"
+        "    torch.testing.assert_close(o.ms_attention(q, k, v, 77, 0.2), o.ms_attention_reference(q, k, v, 77, 0.2), atol=2e-5, rtol=2e-5)\n"
+        "lvl = torch.tensor([0] * 5 + [1] * 9 + [2] * 20)\n"
+        "q, k, v = (torch.randn(1, 2, 34, 32, generator=g) for _ in range(3))\n"
+        "torch.testing.assert_close(o.ms_attention_block_causal(q, k, v, lvl, 0.3), o.ms_attention_block_causal_reference(q, k, v, lvl, 0.3), atol=2e-5, rtol=2e-5)\n"
+    )
+    env = dict(os.environ, HART_FAST_CPU_NO_AVX2="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -9,6 +9,7 @@
 // running max / sum / accumulator are updated once per tile.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -450,7 +451,9 @@ __attribute__((target("avx2,fma"))) void attention_task_avx2(const AttnParams& p
   attention_task_body<S, D, true>(p, b, h, q0, q1);
 }
 bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // HART_FAST_CPU_NO_AVX2=1 forces the portable loops (used to test them).
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         std::getenv("HART_FAST_CPU_NO_AVX2") == nullptr;
   return ok;
 }
 #else
