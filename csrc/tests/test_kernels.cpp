@@ -21,6 +21,7 @@
 
 #include "cpu/cpu_kernels.h"
 #include "hart_fast/group_norm_silu.h"
+#include "hart_fast/attention.h"
 #include "hart_fast/norm_modulate.h"
 #include "hart_fast/numerics.h"
 #include "hart_fast/vq.h"
@@ -451,6 +452,36 @@ void test_group_norm_math() {
   const GnCoef k = hf_gn_coeffs(mean, rstd, w, b, 1);
   EXPECT(k.m == 2.5f && k.a == rstd * 3.0f && k.s == -1.0f, "coefficients");
   EXPECT(hf_gn_silu_apply<float>(2.5f, k, false) == -1.0f, "mean maps to bias");
+// ---------------------------------------------------------------------------
+// Attention / sampling shared math (hart_fast/attention.h)
+// ---------------------------------------------------------------------------
+void test_attention_math() {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  // Order keys: strictly monotone on ordered floats and invertible.
+  const float vals[] = {-std::numeric_limits<float>::infinity(), -1e30f, -2.5f, -1e-40f, -0.0f,
+                        0.0f, 1e-40f, 1.0f, 3.5f, 1e30f, std::numeric_limits<float>::infinity()};
+  for (size_t i = 0; i + 1 < sizeof(vals) / sizeof(vals[0]); ++i) {
+    EXPECT(hf_float_order_key(vals[i]) < hf_float_order_key(vals[i + 1]), "key order at %zu", i);
+  }
+  for (int t = 0; t < 10000; ++t) {
+    const float a = nd(rng), b = nd(rng);
+    EXPECT(same_bits(hf_order_key_float(hf_float_order_key(a)), a), "key round trip %g", a);
+    EXPECT((a < b) == (hf_float_order_key(a) < hf_float_order_key(b)), "key order %g %g", a, b);
+    // fp32 RoPE pair and CFG combine: the plain, separately rounded expressions.
+    const float x1 = nd(rng), x2 = nd(rng), c1 = nd(rng), s1 = nd(rng), c2 = nd(rng), s2 = nd(rng);
+    float y1, y2;
+    hf_rope_pair<float>(x1, x2, c1, s1, c2, s2, &y1, &y2);
+    const float p1 = x1 * c1, q1 = -x2 * s1, p2 = x2 * c2, q2 = x1 * s2;
+    EXPECT(same_bits(y1, p1 + q1) && same_bits(y2, p2 + q2), "rope pair");
+    const float ab = a * 2.5f, bb = b * 1.5f;
+    EXPECT(same_bits(hf_cfg_combine(a, b, 2.5f, 1.5f), ab - bb), "cfg combine");
+  }
+  // F.normalize's eps underflows to 0 in fp16 (a zero vector gives 0 / 0).
+  EXPECT(hf_l2_denominator<half_t>(0.0f) == 0.0f, "fp16 eps underflow");
+  EXPECT(hf_l2_denominator<float>(0.0f) == 1e-12f, "fp32 eps clamp");
+  EXPECT(hf_safe_max(-std::numeric_limits<float>::infinity()) == 0.0f && hf_safe_max(2.0f) == 2.0f,
+         "safe max");
 }
 
 }  // namespace
@@ -466,6 +497,7 @@ int main() {
       {"vq kernel", test_vq_kernel},
       {"dispatcher", test_dispatcher},
       {"group norm math", test_group_norm_math},
+      {"attention math", test_attention_math},
   };
   for (const auto& [name, fn] : tests) {
     const int before = g_failures;

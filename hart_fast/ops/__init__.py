@@ -39,6 +39,16 @@ from hart_fast.ops.norm import (  # noqa: E402
 )
 from hart_fast.ops.vq import vq_nearest_code, vq_nearest_code_reference  # noqa: E402
 from hart_fast.ops.group_norm import group_norm_silu, group_norm_silu_reference  # noqa: E402
+from hart_fast.ops.attention import (  # noqa: E402
+    attention,
+    ms_attention,
+    ms_attention_block_causal,
+    ms_attention_block_causal_reference,
+    ms_attention_reference,
+    qkv_rope_cache,
+    qkv_rope_cache_reference,
+)
+from hart_fast.ops.sampling import cfg_top_k_filter, cfg_top_k_filter_reference  # noqa: E402
 
 __all__ = [
     "HAS_CUDA_KERNELS",
@@ -82,4 +92,13 @@ __all__ += [
     "iddpm_step_fused",
     "iddpm_step_fused_reference",
     "schedule_scalars",
+    "attention",
+    "ms_attention",
+    "ms_attention_reference",
+    "ms_attention_block_causal",
+    "ms_attention_block_causal_reference",
+    "qkv_rope_cache",
+    "qkv_rope_cache_reference",
+    "cfg_top_k_filter",
+    "cfg_top_k_filter_reference",
 ]

@@ -52,3 +52,24 @@ def _group_norm_silu_fake(x, weight, bias, groups, eps, silu):
     # Same layout rule as csrc/group_norm_silu_args.h.
     cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     return torch.empty_like(x, memory_format=torch.channels_last if cl else torch.contiguous_format)
+@torch.library.register_fake("hart_fast::qkv_rope_cache")
+def _qkv_rope_cache_fake(qkv, qkv_bias, cos, sin, k_cache, v_cache, start, scale_mul):
+    B, H, _, d = k_cache.shape
+    return qkv.new_empty((B, H, qkv.shape[1], d))
+
+
+@torch.library.register_fake("hart_fast::ms_attention")
+def _ms_attention_fake(q, k_cache, v_cache, kv_len, scale):
+    B, H, lq, d = q.shape
+    return q.new_empty((B, lq, H * d))
+
+
+@torch.library.register_fake("hart_fast::ms_attention_block_causal")
+def _ms_attention_block_causal_fake(q, k, v, level, scale):
+    B, H, L, d = q.shape
+    return q.new_empty((B, L, H * d))
+
+
+@torch.library.register_fake("hart_fast::cfg_top_k_filter")
+def _cfg_top_k_filter_fake(logits, t, top_k, top_p):
+    return logits.new_empty((logits.shape[0] // 2, logits.shape[1], logits.shape[2]))
