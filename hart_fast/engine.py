@@ -35,33 +35,6 @@ from hart_fast.pipeline import cfg_doubled_mask_and_positions, last_scale_tokens
 from hart_fast.sampling import cfg_combine, cfg_ratio, gumbel_mix, multinomial_sample, official_top_k
 
 
-def _attention(q, k_cache, v_cache, kv_len: int, scale: float) -> torch.Tensor:
-    """(B, H, lq, d) against the first kv_len cached keys -> (B, lq, H*d)."""
-    attn = getattr(ops, "attention", None)
-    if attn is not None:
-        return attn(q, k_cache, v_cache, kv_len, scale)
-    B, H, lq, d = q.shape
-    out = F.scaled_dot_product_attention(q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], scale=scale)
-    return out.transpose(1, 2).reshape(B, lq, H * d)
-
-
-def _qkv_rope_cache(qkv, cos, sin, k_cache, v_cache, start: int, scale_mul, H: int, d: int):
-    op = getattr(ops, "qkv_rope_cache", None)
-    if op is not None:
-        return op(qkv, None, cos, sin, k_cache, v_cache, start, scale_mul)
-    from hart_fast.model.transformer import apply_rope
-
-    B, l, _ = qkv.shape
-    q, k, v = qkv.view(B, l, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
-    if scale_mul is not None:
-        q = F.normalize(q, dim=-1).mul(scale_mul.view(1, H, 1, 1))
-        k = F.normalize(k, dim=-1)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k_cache[:, :, start:start + l] = k
-    v_cache[:, :, start:start + l] = v
-    return q
-
-
 class _BlockWeights:
     """A block's weights in the form the fused path wants (views, no copies)."""
 
@@ -126,8 +99,9 @@ class FastEngine:
             gamma1, gamma2, scale1, scale2, shift1, shift2 = mod
         h = ops.rms_norm_modulate(x, bw.norm_w, scale1, shift1, bw.eps)
         qkv = F.linear(h, bw.qkv_w, bw.qkv_b)
-        q = _qkv_rope_cache(qkv, cos, sin, st.k[layer], st.v[layer], start, bw.scale_mul, bw.H, bw.d)
-        a = bw.proj(_attention(q, st.k[layer], st.v[layer], kv_len, bw.scale))
+        # qkv already carries its bias (inside F.linear, as the official code adds it).
+        q = ops.qkv_rope_cache(qkv, None, cos, sin, st.k[layer], st.v[layer], start, bw.scale_mul)
+        a = bw.proj(ops.attention(q, st.k[layer], st.v[layer], kv_len, bw.scale))
         x = x + (a if gamma1 is None else a.mul_(gamma1))
         h = ops.rms_norm_modulate(x, bw.norm_w, scale2, shift2, bw.eps)
         f = _ffn(bw.ffn, h)
@@ -217,7 +191,7 @@ class FastEngine:
             if si == 0:
                 raw = raw[:, -1:]  # the 1x1 map comes from the last context position
             k = official_top_k(si) if top_k is None else top_k
-            if token_sampler is None and hasattr(ops, "cfg_top_k_filter"):
+            if token_sampler is None:
                 logits = ops.cfg_top_k_filter(raw, t, k, top_p)
                 if trace is not None:
                     trace[f"stage{si:02d}/logits"] = logits.clone()
