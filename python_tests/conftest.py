@@ -93,3 +93,14 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "inductor: compiles with torch.compile's inductor backend (slow on CPU)"
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _true_fp32_on_cuda():
+    """fp32 tolerances here assume IEEE fp32; cuDNN convolutions default to TF32 on
+    Ampere+ GPUs (10-bit mantissa), which needs its own, looser bounds."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
