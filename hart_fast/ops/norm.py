@@ -67,6 +67,12 @@ def layer_norm_modulate_reference(
     eps: float = 1e-6,
 ) -> torch.Tensor:  # (..., C), x.dtype
     """F.layer_norm over the last dim followed by AdaLN modulation."""
+    if weight is not None and weight.dtype != x.dtype:
+        # Mixed dtypes (fp32 affine on a half x): some torch builds refuse them on
+        # CUDA (seen with torch 2.11). Normalising in fp32 and rounding once is what
+        # F.layer_norm does internally for half inputs anyway.
+        y = F.layer_norm(x.float(), (x.shape[-1],), weight.float(), None if bias is None else bias.float(), eps)
+        return _modulate_reference(y.to(x.dtype), scale, shift)
     y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)  # (..., C), x.dtype
     return _modulate_reference(y, scale, shift)
 
