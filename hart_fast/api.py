@@ -89,6 +89,9 @@ def load_pipeline(model=None, device="cpu", dtype=torch.float32, use_ema=None) -
     with _LOCK:
         if key not in _CACHE:
             log.info("loading HART model %s on %s (%s)", model_name(path), device, str(dtype).replace("torch.", ""))
+            if model_name(path) == DEMO_NAME:
+                log.warning("hart_fast: using the embedded demo model (seeded random weights, not a trained "
+                            "model); pass model= or set HART_FAST_MODEL for real images")
             _CACHE[key] = HartPipeline.from_pretrained(path, device=device, dtype=dtype, use_ema=use_ema)
         return _CACHE[key]
 
@@ -244,7 +247,9 @@ def generate(
     diffusion_temperature=1.0, use_system_prompt=True, max_length=None.
     Prompts are split into batches of `batch_size`; batch b uses seed + b.
     Returns a list of PIL images ("pil", the default) or an (N, 3, H, W) float
-    tensor in [0, 1] ("pt"), prompt-major: all images of prompt 0 first.
+    tensor in [0, 1] ("pt"), prompt-major: all images of prompt 0 first. A single
+    prompt string with images_per_prompt=1 returns that one image (a PIL image,
+    or a (3, H, W) tensor).
     """
     settings = GenerationSettings(**_settings_kwargs(options))
     if output_type not in ("pil", "pt"):
@@ -261,9 +266,12 @@ def generate(
         if progress is not None:
             progress(batch.index + 1, total)
     result = torch.cat(images, 0)
+    # One prompt string and one image: hand back that image, not a list of one.
+    single = isinstance(prompts, str) and images_per_prompt == 1
     if output_type == "pil":
-        return to_pil(result)
-    return result
+        pil = to_pil(result)
+        return pil[0] if single else pil
+    return result[0] if single else result
 
 
 def _check_int(name, value, lo=1):

@@ -84,8 +84,10 @@ def test_model_without_text_encoder_says_what_to_pass(tmp_path):
 
 # ----------------------------------------------------------------------------- python API
 def test_default_model_works_out_of_the_box():
-    images = hart_fast.generate("a red apple")
-    assert len(images) == 1 and isinstance(images[0], Image.Image) and images[0].size == (64, 64)
+    image = hart_fast.generate("a red apple")  # one string: one image
+    assert isinstance(image, Image.Image) and image.size == (64, 64)
+    images = hart_fast.generate(["a red apple"])
+    assert len(images) == 1 and isinstance(images[0], Image.Image)
     assert api.load_pipeline(None) is api.load_pipeline(DEMO_DIR)  # cached between calls
 
 
