@@ -250,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="hart-fast: %(message)s")
+    # The command prints its own "model ..." line; the library's demo-model notice would repeat it.
+    logging.getLogger("hart_fast").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "dtype", "x") is None:
