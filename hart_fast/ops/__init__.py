@@ -31,6 +31,7 @@ else:
     EXTENSION_IMPORT_ERROR = None
     from hart_fast.ops import _meta  # noqa: F401  (fake kernels for torch.compile)
 
+# One module per op family; each pairs the op with its `_reference`.
 from hart_fast.ops.norm import (  # noqa: E402
     layer_norm_modulate,
     layer_norm_modulate_reference,
@@ -38,32 +39,6 @@ from hart_fast.ops.norm import (  # noqa: E402
     rms_norm_modulate_reference,
 )
 from hart_fast.ops.vq import vq_nearest_code, vq_nearest_code_reference  # noqa: E402
-from hart_fast.ops.group_norm import group_norm_silu, group_norm_silu_reference  # noqa: E402
-from hart_fast.ops.attention import (  # noqa: E402
-    attention,
-    ms_attention,
-    ms_attention_block_causal,
-    ms_attention_block_causal_reference,
-    ms_attention_reference,
-    qkv_rope_cache,
-    qkv_rope_cache_reference,
-)
-from hart_fast.ops.sampling import cfg_top_k_filter, cfg_top_k_filter_reference  # noqa: E402
-
-__all__ = [
-    "HAS_CUDA_KERNELS",
-    "HAS_EXTENSION",
-    "EXTENSION_IMPORT_ERROR",
-    "layer_norm_modulate",
-    "layer_norm_modulate_reference",
-    "rms_norm_modulate",
-    "rms_norm_modulate_reference",
-    "vq_nearest_code",
-    "vq_nearest_code_reference",
-    "group_norm_silu",
-    "group_norm_silu_reference",
-]
-
 from hart_fast.ops.vq_glue import (  # noqa: E402
     area_downsample,
     area_downsample_reference,
@@ -74,24 +49,40 @@ from hart_fast.ops.vq_glue import (  # noqa: E402
     phi_blend_accumulate_,
     phi_blend_accumulate_reference_,
 )
-from hart_fast.ops.diffusion import (  # noqa: E402
-    iddpm_step_fused,
-    iddpm_step_fused_reference,
-    schedule_scalars,
+from hart_fast.ops.attention import (  # noqa: E402
+    attention,
+    ms_attention,
+    ms_attention_block_causal,
+    ms_attention_block_causal_reference,
+    ms_attention_reference,
+    qkv_rope_cache,
+    qkv_rope_cache_reference,
 )
+from hart_fast.ops.sampling import cfg_top_k_filter, cfg_top_k_filter_reference  # noqa: E402
+from hart_fast.ops.diffusion import iddpm_step_fused, iddpm_step_fused_reference, schedule_scalars  # noqa: E402
+from hart_fast.ops.group_norm import group_norm_silu, group_norm_silu_reference  # noqa: E402
 
-__all__ += [
+__all__ = [
+    "HAS_CUDA_KERNELS",
+    "HAS_EXTENSION",
+    "EXTENSION_IMPORT_ERROR",
+    # norms
+    "layer_norm_modulate",
+    "layer_norm_modulate_reference",
+    "rms_norm_modulate",
+    "rms_norm_modulate_reference",
+    # vector quantisation and the glue between scales
+    "vq_nearest_code",
+    "vq_nearest_code_reference",
     "area_downsample",
     "area_downsample_reference",
     "bicubic_upsample",
     "bicubic_upsample_reference",
-    "latent_to_tokens_fast",
-    "next_scale_input_fast",
     "phi_blend_accumulate_",
     "phi_blend_accumulate_reference_",
-    "iddpm_step_fused",
-    "iddpm_step_fused_reference",
-    "schedule_scalars",
+    "next_scale_input_fast",
+    "latent_to_tokens_fast",
+    # attention and the KV cache
     "attention",
     "ms_attention",
     "ms_attention_reference",
@@ -99,6 +90,14 @@ __all__ += [
     "ms_attention_block_causal_reference",
     "qkv_rope_cache",
     "qkv_rope_cache_reference",
+    # sampling
     "cfg_top_k_filter",
     "cfg_top_k_filter_reference",
+    # residual diffusion
+    "iddpm_step_fused",
+    "iddpm_step_fused_reference",
+    "schedule_scalars",
+    # VAE
+    "group_norm_silu",
+    "group_norm_silu_reference",
 ]
