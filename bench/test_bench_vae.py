@@ -61,8 +61,6 @@ def _gn_reference(x, w, b):
 @pytest.mark.parametrize("device", DEVICES)
 def test_group_norm_silu(benchmark, device, dtype, layout, impl):
     _check_impl(impl, device)
-    if device == "cpu" and dtype == torch.bfloat16 and layout == "nhwc":
-        pytest.skip("kept short on the CPU: bf16 is timed in NCHW only")
     benchmark.group = f"group_norm_silu-{device}-{str(dtype)[6:]}-{layout}"
     g = torch.Generator().manual_seed(0)
     shape = GN_SHAPE[device]

@@ -89,6 +89,18 @@ def kernel_device(device, requires_extension) -> str:
     return device
 
 
+@pytest.fixture
+def cuda_kernel_device(requires_extension) -> str:
+    """"cuda", for tests that compare the CUDA kernels with the CPU kernels."""
+    import hart_fast.ops as ops
+
+    if not torch.cuda.is_available():
+        pytest.skip(NO_CUDA_REASON)
+    if not ops.HAS_CUDA_KERNELS:
+        pytest.fail("hart_fast._C was built without CUDA kernels (HART_FAST_CUDA=0 or no nvcc)")
+    return "cuda"
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "inductor: compiles with torch.compile's inductor backend (slow on CPU)"

@@ -122,9 +122,7 @@ def test_ms_attention_extreme_scores(kernel_device):
     assert_attn_close(out, ms_attention_reference, (q, k, v, 300, 1.0), torch.float32)
 
 
-def test_ms_attention_cuda_matches_cpu(kernel_device):
-    if kernel_device != "cuda":
-        pytest.skip("compares the CUDA kernel with the CPU kernel")
+def test_ms_attention_cuda_matches_cpu(cuda_kernel_device):
     for lq in (1, 4, 100):  # split-KV path and plain path
         q, k, v = attn_inputs(2, 4, lq, 3000, 64, torch.float32, "cpu", seed=lq)
         cpu = ms_attention(q, k, v, 2900, 0.125)
@@ -231,9 +229,7 @@ def test_qkv_rope_cache_shared_tables_and_empty(kernel_device):
     assert q1.shape == (3, 2, 0, 32) and torch.equal(k1, k2)
 
 
-def test_qkv_rope_cache_cuda_matches_cpu(kernel_device):
-    if kernel_device != "cuda":
-        pytest.skip("compares the CUDA kernel with the CPU kernel")
+def test_qkv_rope_cache_cuda_matches_cpu(cuda_kernel_device):
     for dtype in DTYPES:
         args = rope_inputs(2, 17, 3, 64, 40, dtype, "cpu", l2=True)
         (qc, kc, vc), _ = run_both(args, start=3)

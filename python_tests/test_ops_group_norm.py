@@ -157,9 +157,7 @@ class TestGroupNormSilu:
         torch.testing.assert_close(group_norm_silu(x, None, None, 32, EPS), y / (1 + torch.exp(-y)),
                                    atol=1e-5, rtol=1e-5)
 
-    def test_matches_cpu_kernel(self, kernel_device):
-        if kernel_device != "cuda":
-            pytest.skip("compares the CUDA kernel with the CPU kernel")
+    def test_matches_cpu_kernel(self, cuda_kernel_device):
         for dtype in DTYPES:
             for cl in (False, True):
                 x, w, b = make_args((2, 160, 40, 40), dtype, "cuda", channels_last=cl)

@@ -74,9 +74,7 @@ def test_non_contiguous_and_empty(kernel_device):
     assert cfg_top_k_filter(empty, 1.0, 3).shape == (2, 0, 10)
 
 
-def test_cuda_matches_cpu(kernel_device):
-    if kernel_device != "cuda":
-        pytest.skip("compares the CUDA kernel with the CPU kernel")
+def test_cuda_matches_cpu(cuda_kernel_device):
     logits = make_logits(3, 17, 4096, "cpu", seed=1)
     assert torch.equal(cfg_top_k_filter(logits.cuda(), 2.0, 600).cpu(), cfg_top_k_filter(logits, 2.0, 600))
 

@@ -10,7 +10,6 @@ Two kinds of data:
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -94,9 +93,7 @@ class TestVQNearestCode:
                               torch.randn(16, 32, device=kernel_device))
         assert out.shape == (0,) and out.dtype == torch.int64
 
-    def test_matches_cpu_kernel_bitwise(self, kernel_device):
-        if kernel_device != "cuda":
-            pytest.skip("compares the CUDA kernel with the CPU kernel")
+    def test_matches_cpu_kernel_bitwise(self, cuda_kernel_device):
         g = torch.Generator().manual_seed(5)
         for dtype in DTYPES:
             z = torch.randn(5000, 32, generator=g).to(dtype)
@@ -110,9 +107,6 @@ class TestVQNearestCode:
 
     @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.inductor)])
     def test_torch_compile(self, kernel_device, backend):
-        if backend == "inductor" and kernel_device == "cpu" and not os.environ.get("HART_FAST_TEST_INDUCTOR"):
-            pytest.skip("inductor's C++ codegen takes ~20 s on a CPU-only machine; "
-                        "set HART_FAST_TEST_INDUCTOR=1 to run it")
         z, codebook, _ = separated(100, 50, 32, torch.float32, kernel_device)
 
         def fn(z, codebook):

@@ -282,11 +282,8 @@ def test_latent_to_tokens_fast_real_shape():
         torch.testing.assert_close(got_res, ref_res, atol=2e-5, rtol=0)
 
 
-@pytest.mark.usefixtures("kernel_device")
-def test_cuda_matches_cpu_kernel_bitwise(kernel_device):
+def test_cuda_matches_cpu_kernel_bitwise(cuda_kernel_device):
     """The CUDA kernels run the same shared per-element math as the CPU ones."""
-    if kernel_device != "cuda":
-        pytest.skip("compares the CUDA kernels with the CPU kernels")
     g = torch.Generator().manual_seed(9)
     for dtype in DTYPES:
         for pn in (1, 5, 27, 48):
