@@ -452,6 +452,8 @@ void test_group_norm_math() {
   const GnCoef k = hf_gn_coeffs(mean, rstd, w, b, 1);
   EXPECT(k.m == 2.5f && k.a == rstd * 3.0f && k.s == -1.0f, "coefficients");
   EXPECT(hf_gn_silu_apply<float>(2.5f, k, false) == -1.0f, "mean maps to bias");
+}
+
 // ---------------------------------------------------------------------------
 // Attention / sampling shared math (hart_fast/attention.h)
 // ---------------------------------------------------------------------------
