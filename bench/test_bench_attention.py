@@ -18,8 +18,12 @@ import torch
 
 import hart_fast.ops as ops
 
-NO_CUDA = "no CUDA device on this machine (CUDA benchmarks run on the GPU device machine)"
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA))]
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_common import CUDA, DEVICES, IMPLS, NO_CUDA, check_impl, check_kernel, timed  # noqa: E402,F401
+
 
 # (lq, kv_len) per device.
 ATTN_SHAPES = {
@@ -29,21 +33,8 @@ ATTN_SHAPES = {
 ROUNDS = {"cpu": 5, "cuda": 30}
 
 
-def _check_kernel(device: str) -> None:
-    if not ops.HAS_EXTENSION:
-        pytest.skip(f"hart_fast._C is not built: {ops.EXTENSION_IMPORT_ERROR}")
-    if device == "cuda" and not ops.HAS_CUDA_KERNELS:
-        pytest.skip("hart_fast._C was built without CUDA kernels")
 
 
-def _timed(benchmark, device, fn, *args, rounds):
-    def call():
-        out = fn(*args)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    return benchmark.pedantic(call, rounds=rounds, warmup_rounds=2, iterations=1)
 
 
 def _shape_params():
@@ -60,7 +51,7 @@ def _shape_params():
 @pytest.mark.parametrize("device,lq,kv_len", _shape_params())
 def test_attention(benchmark, device, lq, kv_len, impl):
     if impl == "ours":
-        _check_kernel(device)
+        check_kernel(device)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     benchmark.group = f"attention-{device}-lq{lq}-kv{kv_len}"
     g = torch.Generator().manual_seed(0)
@@ -68,7 +59,7 @@ def test_attention(benchmark, device, lq, kv_len, impl):
     q = torch.randn(B, H, lq, d, generator=g).to(device, dtype)
     k = torch.randn(B, H, kv_len, d, generator=g).to(device, dtype)
     v = torch.randn(B, H, kv_len, d, generator=g).to(device, dtype)
-    out = _timed(benchmark, device, ops.attention, q, k, v, kv_len, 0.125, impl, rounds=ROUNDS[device])
+    out = timed(benchmark, device, ops.attention, q, k, v, kv_len, 0.125, impl, rounds=ROUNDS[device])
     assert out.shape == (B, lq, H * d)
 
 
@@ -76,7 +67,7 @@ def test_attention(benchmark, device, lq, kv_len, impl):
 @pytest.mark.parametrize("device", DEVICES)
 def test_qkv_rope_cache(benchmark, device, impl):
     if impl == "kernel":
-        _check_kernel(device)
+        check_kernel(device)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     benchmark.group = f"qkv_rope_cache-{device}"
     g = torch.Generator().manual_seed(0)
@@ -91,7 +82,7 @@ def test_qkv_rope_cache(benchmark, device, impl):
     vc = torch.zeros_like(kc)
     sm = torch.full((H,), 4.0, device=device)
     fn = ops.qkv_rope_cache if impl == "kernel" else ops.qkv_rope_cache_reference
-    q = _timed(benchmark, device, fn, qkv, bias, cos, sin, kc, vc, 300, sm, rounds=ROUNDS[device])
+    q = timed(benchmark, device, fn, qkv, bias, cos, sin, kc, vc, 300, sm, rounds=ROUNDS[device])
     assert q.shape == (B, H, l, d)
 
 
@@ -99,7 +90,7 @@ def test_qkv_rope_cache(benchmark, device, impl):
 @pytest.mark.parametrize("device", DEVICES)
 def test_cfg_top_k_filter(benchmark, device, impl):
     if impl == "kernel":
-        _check_kernel(device)
+        check_kernel(device)
     benchmark.group = f"cfg_top_k_filter-{device}"
     g = torch.Generator().manual_seed(0)
     l = 256 if device == "cpu" else 4096
@@ -109,5 +100,5 @@ def test_cfg_top_k_filter(benchmark, device, impl):
     else:
         def fn(x, t, k, p):
             return ops.cfg_top_k_filter_reference(x.clone(), t, k, p)
-    out = _timed(benchmark, device, fn, logits, 4.5, 300, 0.0, rounds=ROUNDS[device])
+    out = timed(benchmark, device, fn, logits, 4.5, 300, 0.0, rounds=ROUNDS[device])
     assert out.shape == (2, l, 4096)

@@ -17,9 +17,12 @@ import torch
 
 import hart_fast.ops as ops
 
-NO_CUDA = "no CUDA device on this machine (CUDA benchmarks run on the GPU device machine)"
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA))]
-IMPLS = ["kernel", "reference"]
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_common import CUDA, DEVICES, IMPLS, NO_CUDA, check_impl, check_kernel, timed  # noqa: E402,F401
+
 
 # (tokens per image, rounds) per device: keeps CPU runs short.
 NORM_TOKENS = {"cpu": 256, "cuda": 64 * 64}
@@ -27,23 +30,8 @@ VQ_ROWS = {"cpu": 4096, "cuda": 16 * 64 * 64}
 ROUNDS = {"cpu": 10, "cuda": 50}
 
 
-def _check_impl(impl: str, device: str) -> None:
-    if impl != "kernel":
-        return
-    if not ops.HAS_EXTENSION:
-        pytest.skip(f"hart_fast._C is not built: {ops.EXTENSION_IMPORT_ERROR}")
-    if device == "cuda" and not ops.HAS_CUDA_KERNELS:
-        pytest.skip("hart_fast._C was built without CUDA kernels")
 
 
-def _timed(benchmark, device, fn, *args, rounds):
-    def call():
-        out = fn(*args)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    return benchmark.pedantic(call, rounds=rounds, warmup_rounds=2, iterations=1)
 
 
 def _norm_inputs(device, dtype):
@@ -60,11 +48,11 @@ def _norm_inputs(device, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_rms_norm_modulate(benchmark, device, dtype, impl):
-    _check_impl(impl, device)
+    check_impl(impl, device)
     benchmark.group = f"rms_norm_modulate-{device}-{str(dtype)[6:]}"
     x, weight, scale, shift = _norm_inputs(device, dtype)
     fn = ops.rms_norm_modulate if impl == "kernel" else ops.rms_norm_modulate_reference
-    out = _timed(benchmark, device, fn, x, weight, scale, shift, 1e-6, rounds=ROUNDS[device])
+    out = timed(benchmark, device, fn, x, weight, scale, shift, 1e-6, rounds=ROUNDS[device])
     assert out.shape == x.shape
 
 
@@ -73,22 +61,22 @@ def test_rms_norm_modulate(benchmark, device, dtype, impl):
 @pytest.mark.parametrize("device", DEVICES)
 def test_layer_norm_modulate(benchmark, device, dtype, impl):
     # HART's AdaLN blocks use an affine-free LayerNorm followed by modulation.
-    _check_impl(impl, device)
+    check_impl(impl, device)
     benchmark.group = f"layer_norm_modulate-{device}-{str(dtype)[6:]}"
     x, _, scale, shift = _norm_inputs(device, dtype)
     fn = ops.layer_norm_modulate if impl == "kernel" else ops.layer_norm_modulate_reference
-    out = _timed(benchmark, device, fn, x, None, None, scale, shift, 1e-6, rounds=ROUNDS[device])
+    out = timed(benchmark, device, fn, x, None, None, scale, shift, 1e-6, rounds=ROUNDS[device])
     assert out.shape == x.shape
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_vq_nearest_code(benchmark, device, impl):
-    _check_impl(impl, device)
+    check_impl(impl, device)
     benchmark.group = f"vq_nearest_code-{device}"
     g = torch.Generator().manual_seed(0)
     z = torch.randn(VQ_ROWS[device], 32, generator=g).to(device)
     codebook = torch.randn(4096, 32, generator=g).to(device)
     fn = ops.vq_nearest_code if impl == "kernel" else ops.vq_nearest_code_reference
-    out = _timed(benchmark, device, fn, z, codebook, rounds=max(3, ROUNDS[device] // 2))
+    out = timed(benchmark, device, fn, z, codebook, rounds=max(3, ROUNDS[device] // 2))
     assert out.shape == (z.shape[0],)

@@ -23,32 +23,18 @@ import hart_fast.ops as ops
 from hart_fast.model.tokenizer import Decoder
 from hart_fast.model.vae_fast import FastDecoder
 
-NO_CUDA = "no CUDA device on this machine (CUDA benchmarks run on the GPU device machine)"
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
-IMPLS = ["kernel", "reference"]
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_common import CUDA, DEVICES, IMPLS, NO_CUDA, check_impl, check_kernel, timed  # noqa: E402,F401
+
 GN_SHAPE = {"cpu": (1, 160, 256, 256), "cuda": (1, 160, 1024, 1024)}
 ROUNDS = {"cpu": 5, "cuda": 20}
 
 
-def _check_impl(impl: str, device: str) -> None:
-    if impl != "kernel":
-        return
-    if not ops.HAS_EXTENSION:
-        pytest.skip(f"hart_fast._C is not built: {ops.EXTENSION_IMPORT_ERROR}")
-    if device == "cuda" and not ops.HAS_CUDA_KERNELS:
-        pytest.skip("hart_fast._C was built without CUDA kernels")
 
 
-def _timed(benchmark, device, fn, *args, rounds):
-    def call():
-        out = fn(*args)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    warmup = 0 if device == "cpu" and rounds <= 2 else 1
-    return benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)
 
 
 def _gn_reference(x, w, b):
@@ -60,7 +46,7 @@ def _gn_reference(x, w, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_group_norm_silu(benchmark, device, dtype, layout, impl):
-    _check_impl(impl, device)
+    check_impl(impl, device)
     benchmark.group = f"group_norm_silu-{device}-{str(dtype)[6:]}-{layout}"
     g = torch.Generator().manual_seed(0)
     shape = GN_SHAPE[device]
@@ -70,9 +56,9 @@ def test_group_norm_silu(benchmark, device, dtype, layout, impl):
     w = torch.randn(shape[1], generator=g).to(device, dtype)
     b = torch.randn(shape[1], generator=g).to(device, dtype)
     if impl == "kernel":
-        out = _timed(benchmark, device, ops.group_norm_silu, x, w, b, 32, 1e-6, True, rounds=ROUNDS[device])
+        out = timed(benchmark, device, ops.group_norm_silu, x, w, b, 32, 1e-6, True, rounds=ROUNDS[device])
     else:
-        out = _timed(benchmark, device, _gn_reference, x, w, b, rounds=ROUNDS[device])
+        out = timed(benchmark, device, _gn_reference, x, w, b, rounds=ROUNDS[device])
     assert out.shape == x.shape
 
 
@@ -101,7 +87,7 @@ DECODE_CASES = [
 @pytest.mark.parametrize("impl", ["fast", "fast_channels_last", "reference"])
 @pytest.mark.parametrize("device,batch,latent,dtype", DECODE_CASES)
 def test_decoder(benchmark, device, batch, latent, dtype, impl):
-    _check_impl("kernel" if impl != "reference" else impl, device)
+    check_impl("kernel" if impl != "reference" else impl, device)
     benchmark.group = f"vae_decode-{device}-b{batch}-{latent}x{latent}-{str(dtype)[6:]}"
     d = _decoder(device, dtype)
     z = torch.randn(batch, 32, latent, latent, generator=torch.Generator().manual_seed(1)).to(device, dtype)
@@ -112,5 +98,5 @@ def test_decoder(benchmark, device, batch, latent, dtype, impl):
     else:
         fn = FastDecoder(d, channels_last=impl == "fast_channels_last")
     rounds = 2 if device == "cpu" else (5 if batch > 1 else 10)
-    out = _timed(benchmark, device, fn, z, rounds=rounds)
+    out = timed(benchmark, device, fn, z, rounds=rounds)
     assert out.shape == (batch, 3, latent * 16, latent * 16)
