@@ -31,7 +31,7 @@ from hart_fast import ops
 from hart_fast.model.diffusion_fast import sample_residual_fast
 from hart_fast.ops.vq_glue import next_scale_input_fast
 from hart_fast.model.transformer import AdaLNSelfAttn, FFN, HartTransformer, LlamaMLP
-from hart_fast.pipeline import cfg_doubled_mask_and_positions, last_scale_tokens
+from hart_fast.pipeline import add_last_scale, cfg_doubled_mask_and_positions, last_scale_tokens, next_stage_input
 from hart_fast.sampling import cfg_combine, cfg_ratio, gumbel_mix, multinomial_sample, official_top_k
 
 
@@ -179,7 +179,6 @@ class FastEngine:
             st.cos[si].copy_(cos)
             st.sin[si].copy_(sin)
         lvl_pos = tr.level_embeddings()
-        slices = tr.stage_slices()
         f_hat = torch.zeros(B, Cvae, P, P, device=dev, dtype=torch.float32)
         st.x[0].copy_(cond + lvl_pos[:, :T])
 
@@ -205,14 +204,8 @@ class FastEngine:
                 trace[f"stage{si:02d}/idx"] = idx_Bl.clone()
             h_BlC = gumbel_mix(logits, ratio, codebook.float(), generator) if more_smooth else codebook[idx_Bl].float()
             if not last:
-                h_BChw = h_BlC.transpose(1, 2).reshape(B, Cvae, pn, pn)
-                f_hat, nxt = next_scale_input_fast(tok, si, cfg.patch_nums, f_hat, h_BChw.to(dt))
-                if trace is not None:
-                    trace[f"stage{si:02d}/f_hat"] = f_hat.clone()
-                    trace[f"stage{si:02d}/next_input_latent"] = nxt.clone()
-                s_next, e_next = slices[si + 1]
-                x_next = tr.word_embed(nxt.reshape(B, Cvae, -1).transpose(1, 2).to(dt)) + lvl_pos[:, s_next:e_next]
-                st.x[si + 1][:B].copy_(x_next)
+                f_hat, x_next = next_stage_input(pipe, si, h_BlC, f_hat, lvl_pos, trace, next_scale_input_fast)
+                st.x[si + 1][:B].copy_(x_next)  # both CFG halves, into the static buffer
                 st.x[si + 1][B:].copy_(x_next)
                 continue
             sample_fn = functools.partial(_sample_residual, cuda_graph=self.use_cuda_graphs)
@@ -222,10 +215,7 @@ class FastEngine:
                 residual_latents=residual_latents, trace=trace, diffusion_noise_fn=diffusion_noise_fn,
                 sample_fn=sample_fn,
             )
-            final = tokens_BLC.transpose(1, 2).reshape(B, Cvae, P, P)
-            if trace is not None:
-                trace["final_tokens"] = final.clone()
-            f_hat = f_hat + final
+            f_hat = add_last_scale(f_hat, tokens_BLC, trace)
         if trace is not None:
             trace["f_hat_final"] = f_hat.clone()
         return f_hat

@@ -401,16 +401,8 @@ class HartPipeline:
             else:
                 h_BlC = codebook[idx_Bl].float()                              # (B, l, Cvae)
             if not last:
-                h_BChw = h_BlC.transpose(1, 2).reshape(B, Cvae, pn, pn)
-                f_hat, nxt = tok.next_scale_input(si, cfg.patch_nums, f_hat, h_BChw.to(dt))
-                if trace is not None:
-                    trace[f"stage{si:02d}/f_hat"] = f_hat.clone()
-                    trace[f"stage{si:02d}/next_input_latent"] = nxt.clone()
-                pn_next = cfg.patch_nums[si + 1]
-                s_next, e_next = slices[si + 1]
-                x = tr.word_embed(nxt.reshape(B, Cvae, -1).transpose(1, 2).to(dt)) + lvl_pos[:, s_next:e_next]
-                x = x.repeat(2, 1, 1)
-                assert x.shape[1] == pn_next * pn_next
+                f_hat, x = next_stage_input(self, si, h_BlC, f_hat, lvl_pos, trace, reference_next_scale_input)
+                x = x.repeat(2, 1, 1)  # both CFG halves see the same next-scale input
                 continue
             # Last scale: discrete codes plus the continuous residual.
             tokens_BLC = last_scale_tokens(
@@ -419,13 +411,45 @@ class HartPipeline:
                 residual_latents=residual_latents, trace=trace, diffusion_noise_fn=diffusion_noise_fn,
                 sample_fn=sample_residual,
             )
-            final = tokens_BLC.transpose(1, 2).reshape(B, Cvae, P, P)
-            if trace is not None:
-                trace["final_tokens"] = final.clone()
-            f_hat = f_hat + final
+            f_hat = add_last_scale(f_hat, tokens_BLC, trace)
         if trace is not None:
             trace["f_hat_final"] = f_hat.clone()
         return f_hat
+
+
+def reference_next_scale_input(tokenizer, si, patch_nums, f_hat, h_BChw):
+    return tokenizer.next_scale_input(si, patch_nums, f_hat, h_BChw)
+
+
+def next_stage_input(pipe, si: int, h_BlC, f_hat, lvl_pos, trace, next_scale_input_fn):
+    """After stage si (not the last): grow f_hat by its codes and build stage si+1's input.
+
+    h_BlC (B, l, Cvae) are the stage's code embeddings (or Gumbel mixtures);
+    returns f_hat and the next input (B, l_next, C) = word_embed(area-down f_hat)
+    + level embedding, for one CFG half. next_scale_input_fn is the tokenizer's
+    reference glue or the fused one (same contract).
+    """
+    tr, cfg, dt = pipe.transformer, pipe.config, pipe.dtype
+    B, _, Cvae = h_BlC.shape
+    pn = cfg.patch_nums[si]
+    h_BChw = h_BlC.transpose(1, 2).reshape(B, Cvae, pn, pn)
+    f_hat, nxt = next_scale_input_fn(pipe.tokenizer, si, cfg.patch_nums, f_hat, h_BChw.to(dt))
+    if trace is not None:
+        trace[f"stage{si:02d}/f_hat"] = f_hat.clone()
+        trace[f"stage{si:02d}/next_input_latent"] = nxt.clone()
+    s_next, e_next = tr.stage_slices()[si + 1]
+    x = tr.word_embed(nxt.reshape(B, Cvae, -1).transpose(1, 2).to(dt)) + lvl_pos[:, s_next:e_next]
+    return f_hat, x
+
+
+def add_last_scale(f_hat, tokens_BLC, trace):
+    """f_hat + the last scale's tokens laid out as a map (no phi: HART's hybrid last scale)."""
+    B, L, Cvae = tokens_BLC.shape
+    P = f_hat.shape[-1]
+    final = tokens_BLC.transpose(1, 2).reshape(B, Cvae, P, P)
+    if trace is not None:
+        trace["final_tokens"] = final.clone()
+    return f_hat + final
 
 
 def cfg_doubled_mask_and_positions(prompt_mask, B: int, T: int, device):
