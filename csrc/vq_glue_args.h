@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 
 #include "hart_fast/numerics.h"
+#include "hart_fast/vq_glue.h"
 #include "tensor_args.h"
 
 namespace hart_fast::ops {
@@ -117,6 +118,26 @@ inline IddpmArgs prepare_iddpm(const at::Tensor& x, const at::Tensor& model_out,
   a.n = n;
   a.c = c;
   return a;
+}
+
+// The op's Python-double scalars as the kernels' floats; one definition so the CPU
+// and CUDA kernels round them identically (1 + cfg is formed in double, as Python does).
+inline IddpmScalars iddpm_scalars(double cfg, bool guided, double c_recip, double c_recipm1,
+                           double c_coef1, double c_coef2, double min_log, double max_log,
+                           double nonzero, double temperature) {
+  IddpmScalars s;
+  s.one_plus_cfg = static_cast<float>(1.0 + cfg);
+  s.cfg = static_cast<float>(cfg);
+  s.recip = static_cast<float>(c_recip);
+  s.recipm1 = static_cast<float>(c_recipm1);
+  s.coef1 = static_cast<float>(c_coef1);
+  s.coef2 = static_cast<float>(c_coef2);
+  s.min_log = static_cast<float>(min_log);
+  s.max_log = static_cast<float>(max_log);
+  s.nonzero = static_cast<float>(nonzero);
+  s.temperature = static_cast<float>(temperature);
+  s.guided = guided;
+  return s;
 }
 
 }  // namespace hart_fast::ops

@@ -147,24 +147,6 @@ void phi_blend_accumulate_cpu(const at::Tensor& f_hat, const at::Tensor& up,
   if (a.numel > 0) cpu::dispatch<PhiRun>(a.dtype, f_hat, a, omr, r);
 }
 
-IddpmScalars iddpm_scalars(double cfg, bool guided, double c_recip, double c_recipm1,
-                           double c_coef1, double c_coef2, double min_log, double max_log,
-                           double nonzero, double temperature) {
-  IddpmScalars s;
-  s.one_plus_cfg = static_cast<float>(1.0 + cfg);
-  s.cfg = static_cast<float>(cfg);
-  s.recip = static_cast<float>(c_recip);
-  s.recipm1 = static_cast<float>(c_recipm1);
-  s.coef1 = static_cast<float>(c_coef1);
-  s.coef2 = static_cast<float>(c_coef2);
-  s.min_log = static_cast<float>(min_log);
-  s.max_log = static_cast<float>(max_log);
-  s.nonzero = static_cast<float>(nonzero);
-  s.temperature = static_cast<float>(temperature);
-  s.guided = guided;
-  return s;
-}
-
 at::Tensor iddpm_step_fused_cpu(const at::Tensor& x, const at::Tensor& model_out,
                                 const at::Tensor& noise, double cfg, bool guided,
                                 double c_recip, double c_recipm1, double c_coef1,

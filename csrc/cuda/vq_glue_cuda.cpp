@@ -47,18 +47,8 @@ at::Tensor iddpm_step_fused_cuda(const at::Tensor& x, const at::Tensor& model_ou
                                  double temperature) {
   const c10::cuda::CUDAGuard guard(x.device());
   IddpmArgs a = prepare_iddpm(x, model_out, noise, guided);
-  IddpmScalars s;
-  s.one_plus_cfg = static_cast<float>(1.0 + cfg);
-  s.cfg = static_cast<float>(cfg);
-  s.recip = static_cast<float>(c_recip);
-  s.recipm1 = static_cast<float>(c_recipm1);
-  s.coef1 = static_cast<float>(c_coef1);
-  s.coef2 = static_cast<float>(c_coef2);
-  s.min_log = static_cast<float>(min_log);
-  s.max_log = static_cast<float>(max_log);
-  s.nonzero = static_cast<float>(nonzero);
-  s.temperature = static_cast<float>(temperature);
-  s.guided = guided;
+  const IddpmScalars s = iddpm_scalars(cfg, guided, c_recip, c_recipm1, c_coef1, c_coef2,
+                                       min_log, max_log, nonzero, temperature);
   C10_CUDA_CHECK(gpu::launch_iddpm_step(a.x.data_ptr<float>(), a.model_out.data_ptr<float>(),
                                         a.noise.data_ptr<float>(), a.out.data_ptr<float>(), a.n,
                                         a.c, s, stream()));
