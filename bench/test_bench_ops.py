@@ -70,6 +70,21 @@ def test_layer_norm_modulate(benchmark, device, dtype, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_rms_norm_modulate(benchmark, device, dtype, impl):
+    # A HART block's gated residual add followed by the next norm + modulate.
+    check_impl(impl, device)
+    benchmark.group = f"add_rms_norm_modulate-{device}-{str(dtype)[6:]}"
+    x, weight, scale, shift = _norm_inputs(device, dtype)
+    branch = torch.randn_like(x)
+    gate = scale.flip(-1)
+    fn = ops.add_rms_norm_modulate if impl == "kernel" else ops.add_rms_norm_modulate_reference
+    s, y = timed(benchmark, device, fn, x, branch, gate, weight, scale, shift, 1e-6, rounds=ROUNDS[device])
+    assert s.shape == y.shape == x.shape
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_vq_nearest_code(benchmark, device, impl):
     check_impl(impl, device)

@@ -17,6 +17,16 @@ TORCH_LIBRARY(hart_fast, m) {
   m.def(
       "layer_norm_modulate(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, "
       "Tensor? shift, float eps) -> Tensor");
+  // Residual-add variants: s = x + branch * gate (gate optional, broadcast like
+  // scale / shift; the product and the sum each rounded to x.dtype as torch
+  // does), then the norm + modulation of s.  Returns (s, normalised s); HART's
+  // blocks keep s as the residual stream and feed the normalised s onward.
+  m.def(
+      "add_rms_norm_modulate(Tensor x, Tensor branch, Tensor? gate, Tensor? weight, "
+      "Tensor? scale, Tensor? shift, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "add_layer_norm_modulate(Tensor x, Tensor branch, Tensor? gate, Tensor? weight, "
+      "Tensor? bias, Tensor? scale, Tensor? shift, float eps) -> (Tensor, Tensor)");
   // argmin_v ||z_n - e_v||^2 for z (N, C) and codebook (V, C); int64 (N,).
   m.def("vq_nearest_code(Tensor z, Tensor codebook) -> Tensor");
   // --- VQ glue between AR stages (hart_fast/ops/vq_glue.py) ---

@@ -13,9 +13,10 @@ bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
-// Brings a scale / shift operand into the (outer, C) contiguous layout that
-// RowBroadcast indexes, copying only when the broadcast pattern is not a
-// single block of x's leading dims (then it is expanded to full size).
+// Brings a scale / shift / gate operand into the (outer, C) row layout that
+// RowBroadcast indexes: a view when possible, a copy when its rows are not
+// evenly spaced with unit column stride, an expansion to full size when the
+// broadcast pattern is not a single block of x's leading dims.
 RowBroadcast broadcast_rows(const char* op, const char* name, at::Tensor& t,
                             const at::Tensor& x) {
   const int64_t ndim = x.dim();
@@ -60,9 +61,13 @@ RowBroadcast broadcast_rows(const char* op, const char* name, at::Tensor& t,
   int64_t inner = 1;
   for (int64_t k = first; k <= last; ++k) outer *= x.size(k);
   for (int64_t k = last + 1; k < ndim - 1; ++k) inner *= x.size(k);
-  t = t.contiguous();
+  // (outer, C) rows: a view when the operand's rows are evenly spaced with
+  // unit column stride (e.g. a column slice of a wider matrix), else a copy.
+  t = t.reshape({outer, cols});
+  if (t.stride(1) != 1 || (outer > 1 && t.stride(0) < cols)) t = t.contiguous();
+  const int64_t row_stride = outer > 1 ? t.stride(0) : cols;
   // Guard the divisions in hf_broadcast_row for empty x (no kernel runs then).
-  return RowBroadcast{inner > 0 ? inner : 1, outer > 0 ? outer : 1};
+  return RowBroadcast{inner > 0 ? inner : 1, outer > 0 ? outer : 1, row_stride};
 }
 
 void check_same_device(const char* op, const char* name, const at::Tensor& t,
@@ -171,6 +176,40 @@ NormModulateArgs prepare_norm_modulate(const char* op, const at::Tensor& x_in,
   p.rows = x.numel() / p.cols;
   p.eps = static_cast<float>(eps);  // the reference adds eps as an fp32 scalar
   p.dtype = kernel_dtype(x.scalar_type());
+  return a;
+}
+
+NormModulateArgs prepare_add_norm_modulate(const char* op, const at::Tensor& x,
+                                           const at::Tensor& branch,
+                                           const std::optional<at::Tensor>& gate,
+                                           const std::optional<at::Tensor>& weight,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& scale,
+                                           const std::optional<at::Tensor>& shift, double eps,
+                                           bool layer_norm) {
+  NormModulateArgs a = prepare_norm_modulate(op, x, weight, bias, scale, shift, eps, layer_norm);
+  check_same_device(op, "branch", branch, a.x, "x");
+  TORCH_CHECK_VALUE(branch.sizes() == a.x.sizes(), op,
+                    ": expected branch to have the same shape as x (", a.x.sizes(),
+                    "), but got branch with shape ", branch.sizes(), ".");
+  TORCH_CHECK_TYPE(branch.scalar_type() == a.x.scalar_type(), op,
+                   ": expected branch to have the same dtype as x (", a.x.scalar_type(),
+                   "), but got branch with dtype ", branch.scalar_type(), ".");
+  a.branch = branch.contiguous();
+  NormModulateParams& p = a.params;
+  if (gate.has_value()) {
+    at::Tensor g = *gate;
+    check_same_device(op, "gate", g, a.x, "x");
+    TORCH_CHECK_TYPE(g.scalar_type() == a.x.scalar_type(), op,
+                     ": expected gate to have the same dtype as x (", a.x.scalar_type(),
+                     "), but got gate with dtype ", g.scalar_type(), ".");
+    p.gate_map = broadcast_rows(op, "gate", g, a.x);
+    a.gate = g;
+    p.gate = a.gate.data_ptr();
+  }
+  a.sum = at::empty(a.x.sizes(), a.x.options());
+  p.branch = a.branch.data_ptr();
+  p.sum_out = a.sum.data_ptr();
   return a;
 }
 

@@ -25,6 +25,9 @@ struct NormModulateArgs {
   at::Tensor bias;
   at::Tensor scale;
   at::Tensor shift;
+  at::Tensor branch;  // residual-add variants only
+  at::Tensor gate;
+  at::Tensor sum;     // x + branch * gate, the variants' first output
   NormModulateParams params;
 };
 
@@ -37,6 +40,18 @@ NormModulateArgs prepare_norm_modulate(const char* op_name, const at::Tensor& x,
                                        const std::optional<at::Tensor>& scale,
                                        const std::optional<at::Tensor>& shift, double eps,
                                        bool layer_norm);
+
+// The residual-add variants: everything prepare_norm_modulate does, plus
+// branch (x's shape, dtype and device) and the optional gate (broadcast like
+// scale / shift), and the allocated sum output that the kernel normalises.
+NormModulateArgs prepare_add_norm_modulate(const char* op_name, const at::Tensor& x,
+                                           const at::Tensor& branch,
+                                           const std::optional<at::Tensor>& gate,
+                                           const std::optional<at::Tensor>& weight,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& scale,
+                                           const std::optional<at::Tensor>& shift, double eps,
+                                           bool layer_norm);
 
 struct VQArgs {
   at::Tensor out;  // int64 (N,)

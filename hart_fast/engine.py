@@ -5,7 +5,10 @@ What changes against `HartPipeline._run` (the reference), and why:
 - Static state per batch size: the KV cache (both CFG halves, the whole
   sequence) and the per-stage input/output buffers are allocated once and reused
   by every later call with the same batch size.
-- Per block: fused RMSNorm + AdaLN modulate (`rms_norm_modulate`), the qkv
+- Per block: fused RMSNorm + AdaLN modulate, each gated residual add fused
+  into the norm that follows it (`add_rms_norm_modulate`: the attention
+  output's add into the FFN's norm, the FFN output's add into the next block's
+  attention norm; the last block's add is a Triton epilogue), the qkv
   projection's epilogue fused with RoPE and the cache append (`qkv_rope_cache`),
   and attention over the cache (`ms_attention`, or SDPA / flash-attn where the
   crossover table says they win). RoPE tables are computed once per stage.
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 
 from hart_fast import ops
 from hart_fast.model.diffusion_fast import sample_residual_fast
+from hart_fast.ops.triton_epilogues import gated_residual
 from hart_fast.ops.vq_glue import next_scale_input_fast
 from hart_fast.model.transformer import AdaLNSelfAttn, FFN, HartTransformer, LlamaMLP
 from hart_fast.pipeline import add_last_scale, cfg_doubled_mask_and_positions, last_scale_tokens, next_stage_input
@@ -92,26 +96,32 @@ class FastEngine:
         self.use_cuda_graphs = on_cuda if use_cuda_graphs is None else (use_cuda_graphs and on_cuda)
 
     # -- one transformer pass over a stage ---------------------------------------
-    def _block(self, bw: _BlockWeights, x, mod, cos, sin, st: StageState, layer: int, start: int, kv_len: int):
+    def _block(self, bw: _BlockWeights, x, pending, mod, cos, sin, st: StageState, layer: int, start: int,
+               kv_len: int):
+        """One block; returns (x, pending) where pending = (ffn_out, gamma2) is the
+        block's last gated residual add, left for the next norm to fuse."""
         if mod is None:
             scale1 = shift1 = scale2 = shift2 = gamma1 = gamma2 = None
         else:
             gamma1, gamma2, scale1, scale2, shift1, shift2 = mod
-        h = ops.rms_norm_modulate(x, bw.norm_w, scale1, shift1, bw.eps)
+        if pending is None:
+            h = ops.rms_norm_modulate(x, bw.norm_w, scale1, shift1, bw.eps)
+        else:  # the previous block's `x + ffn(h) * gamma2`, fused with this norm
+            x, h = ops.add_rms_norm_modulate(x, pending[0], pending[1], bw.norm_w, scale1, shift1, bw.eps)
         qkv = F.linear(h, bw.qkv_w, bw.qkv_b)
         # qkv already carries its bias (inside F.linear, as the official code adds it).
         q = ops.qkv_rope_cache(qkv, None, cos, sin, st.k[layer], st.v[layer], start, bw.scale_mul)
         a = bw.proj(ops.attention(q, st.k[layer], st.v[layer], kv_len, bw.scale))
-        x = x + (a if gamma1 is None else a.mul_(gamma1))
-        h = ops.rms_norm_modulate(x, bw.norm_w, scale2, shift2, bw.eps)
-        f = _ffn(bw.ffn, h)
-        return x + (f if gamma2 is None else f.mul(gamma2))
+        x, h = ops.add_rms_norm_modulate(x, a, gamma1, bw.norm_w, scale2, shift2, bw.eps)
+        return x, (_ffn(bw.ffn, h), gamma2)
 
     def _stage_forward(self, st: StageState, si: int):
         start, end = self.tr.stage_slices()[si]
-        x = st.x[si]
+        x, pending = st.x[si], None
         for i, bw in enumerate(self.blocks):
-            x = self._block(bw, x, st.mods[i], st.cos[si], st.sin[si], st, i, start, end)
+            x, pending = self._block(bw, x, pending, st.mods[i], st.cos[si], st.sin[si], st, i, start, end)
+        f, gamma2 = pending
+        x = x + f if gamma2 is None else gated_residual(x, gamma2, f)
         return x, self.tr.logits(x, st.head_mod)
 
     def _run_stage(self, st: StageState, si: int):

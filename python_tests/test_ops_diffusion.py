@@ -1,5 +1,5 @@
 """Residual-diffusion fast path: iddpm_step_fused, the Triton gated_residual
-epilogue and sample_residual_fast, against the reference sampler
+epilogue (used by the AR engine's last block) and sample_residual_fast, against the reference sampler
 (hart_fast/model/diffusion.py).
 
 Tolerances:
@@ -148,6 +148,20 @@ def test_gated_residual_triton_interpreter():
                 ref = gated_residual_reference(x, gate, h)
                 assert out.dtype == dtype and out.shape == (M, W)
                 assert torch.equal(out, ref), (dtype, M, W, (out.float() - ref.float()).abs().max())
+            # The AR blocks' AdaLN gate: one (strided) row per batch entry, (B, 1, W).
+            for B, L, W in ((2, 5, 48), (3, 1, 7), (2, 300, 1536)):
+                x = torch.randn(B, L, W, generator=g).to(dtype)
+                h = torch.randn(B, L, W, generator=g).to(dtype)
+                gate = torch.randn(B, 1, 6 * W, generator=g).to(dtype)[..., W:2 * W]
+                out = gated_residual_triton(x, gate, h)
+                assert out.shape == (B, L, W)
+                assert torch.equal(out, gated_residual_reference(x, gate, h)), (dtype, B, L, W)
+        try:
+            gated_residual_triton(x, torch.ones(B, 2, W, dtype=x.dtype), h)
+        except ValueError as e:
+            assert "gate must have x's shape" in str(e)
+        else:
+            raise AssertionError("a gate of the wrong shape was accepted")
         print("OK")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -160,6 +174,17 @@ def test_gated_residual_triton_interpreter():
 def test_gated_residual_cpu_is_torch_expression():
     x, g, h = torch.randn(3, 7), torch.randn(3, 7), torch.randn(3, 7)
     assert torch.equal(gated_residual(x, g, h), x + g * h)
+    x, g, h = torch.randn(2, 4, 7), torch.randn(2, 1, 7), torch.randn(2, 4, 7)
+    assert torch.equal(gated_residual(x, g, h), x + g * h)
+
+
+def test_gated_residual_cuda_matches_torch(cuda_kernel_device):
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x, h = (torch.randn(2, 300, 1536, generator=g).to("cuda", dtype) for _ in range(2))
+        gate = torch.randn(2, 1, 1536, generator=g).to("cuda", dtype)
+        assert torch.equal(gated_residual(x, gate, h), x + gate * h), dtype
 
 
 # ---------------------------------------------------------------------------

@@ -276,3 +276,155 @@ class TestNormFallback:
         xf = x.float()
         expected = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS) * w).to(x.dtype)
         assert torch.equal(rms_norm_modulate_reference(x, w, eps=EPS), expected)
+
+
+# ---------------------------------------------------------------------------
+# Residual-add variants: (s, norm(s)) with s = x + branch * gate
+# ---------------------------------------------------------------------------
+ADD_OPS = {
+    "rms": (ops.add_rms_norm_modulate, ops.add_rms_norm_modulate_reference),
+    "layer": (ops.add_layer_norm_modulate, ops.add_layer_norm_modulate_reference),
+}
+
+
+def make_add_args(kind, shape, dtype, device, *, gate=True, gate_shape=None, seed=0, **kw):
+    """make_args plus branch (x's shape) and gate ((B, 1, C) by default)."""
+    args = make_args(kind, shape, dtype, device, seed=seed, **kw)
+    g = torch.Generator().manual_seed(seed + 1000)
+    C = shape[-1]
+    gate_shape = gate_shape if gate_shape is not None else (shape[0],) + (1,) * (len(shape) - 2) + (C,)
+    x = args.pop("x")
+    out = {"x": x, "branch": (torch.randn(*shape, generator=g) * 3.0).to(device=device, dtype=dtype)}
+    out["gate"] = (torch.randn(*gate_shape, generator=g) * 0.5).to(device=device, dtype=dtype) if gate else None
+    out.update(args)
+    return out
+
+
+def assert_add_faithful(kind, got, args):
+    """The sum is bitwise the torch expression; the norm of it is held to assert_faithful."""
+    s, y = got
+    x, branch, gate = args["x"], args["branch"], args["gate"]
+    expected_s = x + (branch if gate is None else branch * gate)
+    assert s.dtype == x.dtype and s.shape == x.shape and s.is_contiguous()
+    assert torch.equal(s, expected_s), "the residual sum must round exactly like x + branch * gate"
+    norm_args = {k: v for k, v in args.items() if k not in ("branch", "gate")}
+    norm_args["x"] = expected_s
+    assert_faithful(kind, y, norm_args)
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+class TestAddNormModulate:
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("rows", [1, 7, 300, 2 * 4096])
+    @pytest.mark.parametrize("C", [16, 111, 1024, 1536])
+    def test_shapes(self, kind, kernel_device, C, rows, dtype):
+        args = make_add_args(kind, shape_for(rows, C), dtype, kernel_device, seed=C * 3 + rows)
+        assert_add_faithful(kind, ADD_OPS[kind][0](**args), args)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("gate", [True, False])
+    @pytest.mark.parametrize("modulate", [True, False])
+    def test_optional_operands(self, kind, kernel_device, dtype, gate, modulate):
+        args = make_add_args(kind, (2, 33, 111), dtype, kernel_device, gate=gate, scale=modulate,
+                             shift=modulate, weight=modulate, bias=modulate)
+        assert_add_faithful(kind, ADD_OPS[kind][0](**args), args)
+
+    @pytest.mark.parametrize(
+        "x_shape,gate_shape",
+        [
+            ((2, 9, 64), (64,)),
+            ((2, 9, 64), (2, 1, 64)),  # HART's AR blocks: one gate row per image
+            ((2, 9, 64), (2, 9, 64)),
+            ((40, 64), (40, 64)),  # the diffusion MLP: one gate row per token
+            ((2, 3, 4, 32), (2, 1, 4, 32)),  # non-block pattern: expanded internally
+        ],
+    )
+    def test_gate_broadcast(self, kind, kernel_device, x_shape, gate_shape):
+        args = make_add_args(kind, x_shape, torch.float32, kernel_device, gate_shape=gate_shape)
+        assert_add_faithful(kind, ADD_OPS[kind][0](**args), args)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+    def test_strided_operands(self, kind, kernel_device, dtype):
+        # The diffusion MLP's gate is a column slice of one (R, k*W) adaLN GEMM output.
+        args = make_add_args(kind, (48, 64), dtype, kernel_device)
+        wide = torch.randn(48, 3 * 64, dtype=torch.float32).to(kernel_device, dtype)
+        args["shift"], args["scale"], args["gate"] = wide[:, :64], wide[:, 64:128] * 0.3, wide[:, 128:]
+        args["scale"] = torch.cat([args["scale"], args["scale"]], 1)[:, 32:96]  # another slice
+        args["branch"] = torch.randn(64, 48).to(kernel_device, dtype).t()
+        assert not args["gate"].is_contiguous() and not args["branch"].is_contiguous()
+        assert_add_faithful(kind, ADD_OPS[kind][0](**args), args)
+
+    def test_inputs_untouched(self, kind, kernel_device):
+        args = make_add_args(kind, (2, 5, 32), torch.float16, kernel_device)
+        before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+        ADD_OPS[kind][0](**args)
+        for k, v in before.items():
+            assert torch.equal(args[k], v), f"{k} was modified"
+
+    def test_empty_rows(self, kind, kernel_device):
+        args = make_add_args(kind, (2, 0, 64), torch.float32, kernel_device)
+        s, y = ADD_OPS[kind][0](**args)
+        assert s.shape == y.shape == (2, 0, 64)
+
+    def test_matches_cpu_kernel_bitwise(self, kind, cuda_kernel_device):
+        for dtype in DTYPES:
+            args = make_add_args(kind, (2, 300, 1536), dtype, "cuda")
+            cpu_args = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+            op = ADD_OPS[kind][0]
+            for got, want in zip(op(**args), op(**cpu_args)):
+                assert torch.equal(got.cpu(), want)
+
+    def test_opcheck(self, kind, kernel_device):
+        args = make_add_args(kind, (2, 7, 48), torch.bfloat16, kernel_device)
+        fn = getattr(torch.ops.hart_fast, f"add_{kind}_norm_modulate").default
+        torch.library.opcheck(fn, tuple(args.values()))
+
+    def test_torch_compile(self, kind, kernel_device):
+        op, _ = ADD_OPS[kind]
+        args = make_add_args(kind, (2, 7, 64), torch.float32, kernel_device)
+
+        def fn(**kw):
+            s, y = op(**kw)
+            return s * 2.0, y + 1.0
+
+        out = torch.compile(fn, fullgraph=True, backend="aot_eager")(**args)
+        for a, b in zip(out, fn(**args)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+    def test_fallback_matches_kernel(self, kind, monkeypatch):
+        op, ref = ADD_OPS[kind]
+        args = make_add_args(kind, (2, 5, 32), torch.bfloat16, "cpu")
+        monkeypatch.setattr(ops, "HAS_EXTENSION", False)
+        s, y = op(**args)
+        rs, ry = ref(**args)
+        assert torch.equal(s, rs) and torch.equal(y, ry)
+
+
+class TestAddNormErrors:
+    def test_branch_shape(self):
+        with pytest.raises(ValueError, match=r"branch to have the same shape as x, \(2, 3, 8\).*\(2, 1, 8\)"):
+            ops.add_rms_norm_modulate(torch.ones(2, 3, 8), torch.ones(2, 1, 8))
+
+    def test_branch_dtype(self):
+        with pytest.raises(TypeError, match=r"branch to have the same dtype as x \(float16\)"):
+            ops.add_layer_norm_modulate(torch.ones(2, 8, dtype=torch.float16), torch.ones(2, 8))
+
+    def test_gate_dtype_and_shape(self):
+        x = torch.ones(2, 3, 8, dtype=torch.bfloat16)
+        with pytest.raises(TypeError, match=r"gate to have the same dtype as x \(bfloat16\)"):
+            ops.add_rms_norm_modulate(x, x, torch.ones(2, 1, 8))
+        with pytest.raises(ValueError, match=r"gate with shape \(3, 1, 8\) does not broadcast"):
+            ops.add_rms_norm_modulate(x, x, torch.ones(3, 1, 8, dtype=torch.bfloat16))
+
+    def test_branch_not_a_tensor(self):
+        with pytest.raises(TypeError, match="branch to be a tensor"):
+            ops.add_rms_norm_modulate(torch.ones(2, 8), None)
+
+    def test_kernel_checks_without_wrapper(self, requires_extension):
+        with pytest.raises(ValueError, match=r"expected branch to have the same shape as x"):
+            torch.ops.hart_fast.add_rms_norm_modulate(
+                torch.ones(2, 8), torch.ones(2, 4), None, None, None, None, 1e-6)
+        with pytest.raises(TypeError, match=r"expected gate to have the same dtype as x"):
+            torch.ops.hart_fast.add_layer_norm_modulate(
+                torch.ones(2, 8), torch.ones(2, 8), torch.ones(8, dtype=torch.float16), None, None,
+                None, None, 1e-6)

@@ -6,6 +6,7 @@
 // hart_fast/norm_modulate.h, including the kNormLanes lane layout of the row
 // sums, so this kernel produces the same bits as the CUDA kernel.
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -43,6 +44,9 @@ void norm_rows(const NormModulateParams& p, int64_t begin, int64_t end) {
   const S* shift = static_cast<const S*>(p.shift);
   const float* weight = p.weight;
   const float* bias = p.bias;
+  const S* branch = static_cast<const S*>(p.branch);
+  const S* gate = static_cast<const S*>(p.gate);
+  S* sum_out = static_cast<S*>(p.sum_out);
   std::vector<float> xbuf(static_cast<size_t>(cols));
   std::vector<float> ybuf(static_cast<size_t>(cols));
   float* __restrict__ xf = xbuf.data();
@@ -53,6 +57,20 @@ void norm_rows(const NormModulateParams& p, int64_t begin, int64_t end) {
     const S* __restrict__ xr = x + row * cols;
     S* __restrict__ yr = out + row * cols;
     for (int64_t c = 0; c < cols; ++c) xf[c] = hf_load(xr[c]);
+    if (branch != nullptr) {
+      // Residual-add variant: the row normalised below is the stored sum.
+      const S* __restrict__ br = branch + row * cols;
+      const S* __restrict__ gr = gate ? gate + hf_operand_offset(row, p.gate_map, cols) : nullptr;
+      S* __restrict__ sr = sum_out + row * cols;
+      if (gr != nullptr) {  // two loops so each one vectorises without a per-element branch
+        for (int64_t c = 0; c < cols; ++c) xf[c] = hf_residual_add<S>(xf[c], hf_load(br[c]), gr, c);
+      } else {
+        for (int64_t c = 0; c < cols; ++c) {
+          xf[c] = hf_residual_add<S>(xf[c], hf_load(br[c]), static_cast<const S*>(nullptr), c);
+        }
+      }
+      for (int64_t c = 0; c < cols; ++c) sr[c] = Storage<S>::store(xf[c]);
+    }
 
     // Each step below is one simple loop over the row so that the compiler
     // vectorises it (optional operands are branched on once per row, not per
@@ -76,11 +94,11 @@ void norm_rows(const NormModulateParams& p, int64_t begin, int64_t end) {
     }
     for (int64_t c = 0; c < cols; ++c) y[c] = hf_round_to<S>(y[c]);
     if (scale != nullptr) {
-      const S* __restrict__ s = scale + hf_broadcast_row(row, p.scale_map) * cols;
+      const S* __restrict__ s = scale + hf_operand_offset(row, p.scale_map, cols);
       for (int64_t c = 0; c < cols; ++c) y[c] = hf_scale_step<S>(y[c], hf_load(s[c]));
     }
     if (shift != nullptr) {
-      const S* __restrict__ s = shift + hf_broadcast_row(row, p.shift_map) * cols;
+      const S* __restrict__ s = shift + hf_operand_offset(row, p.shift_map, cols);
       for (int64_t c = 0; c < cols; ++c) y[c] = hf_shift_step<S>(y[c], hf_load(s[c]));
     }
     for (int64_t c = 0; c < cols; ++c) yr[c] = Storage<S>::store(y[c]);
@@ -141,11 +159,35 @@ at::Tensor layer_norm_modulate_cpu(const at::Tensor& x, const std::optional<at::
   return a.out;
 }
 
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_modulate_cpu(
+    const at::Tensor& x, const at::Tensor& branch, const std::optional<at::Tensor>& gate,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, double eps) {
+  NormModulateArgs a = prepare_add_norm_modulate("add_rms_norm_modulate", x, branch, gate, weight,
+                                                 std::nullopt, scale, shift, eps,
+                                                 /*layer_norm=*/false);
+  cpu::norm_modulate(a.params, /*layer_norm=*/false);
+  return {a.sum, a.out};
+}
+
+std::tuple<at::Tensor, at::Tensor> add_layer_norm_modulate_cpu(
+    const at::Tensor& x, const at::Tensor& branch, const std::optional<at::Tensor>& gate,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, double eps) {
+  NormModulateArgs a = prepare_add_norm_modulate("add_layer_norm_modulate", x, branch, gate,
+                                                 weight, bias, scale, shift, eps,
+                                                 /*layer_norm=*/true);
+  cpu::norm_modulate(a.params, /*layer_norm=*/true);
+  return {a.sum, a.out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hart_fast, CPU, m) {
   m.impl("rms_norm_modulate", &rms_norm_modulate_cpu);
   m.impl("layer_norm_modulate", &layer_norm_modulate_cpu);
+  m.impl("add_rms_norm_modulate", &add_rms_norm_modulate_cpu);
+  m.impl("add_layer_norm_modulate", &add_layer_norm_modulate_cpu);
 }
 
 }  // namespace hart_fast::ops

@@ -6,7 +6,8 @@
 // pairwise tree of hf_fold_lanes, i.e. exactly the CPU kernel's arithmetic, so
 // both devices give bit-identical results.  The row is read from global memory
 // once per pass (two passes for RMS, three for LayerNorm); rows are at most a
-// few KB, so the re-reads hit L1/L2.
+// few KB, so the re-reads hit L1/L2.  The residual-add variant forms
+// x + branch * gate in the first pass and stores it before normalising it.
 #include <climits>
 
 #include <cuda_runtime.h>
@@ -32,19 +33,35 @@ __device__ __forceinline__ float block_fold(float partial, float* red) {
   return total;
 }
 
-template <typename S, bool kLayer>
+template <typename S, bool kLayer, bool kAdd>
 __global__ void __launch_bounds__(kNormLanes) norm_modulate_kernel(NormModulateParams p) {
   __shared__ float red[kNormLanes];
   const int64_t row = blockIdx.x;
   const int64_t cols = p.cols;
   const int t = threadIdx.x;
-  const S* __restrict__ x = static_cast<const S*>(p.x) + row * cols;
+  // With kAdd the normalised row is the residual sum, which this pass writes
+  // to sum_out; the later passes re-read it from there.  Each thread touches
+  // the same columns in every pass, so it only reads its own writes.
+  const S* __restrict__ x_in = static_cast<const S*>(p.x) + row * cols;
+  const S* x = kAdd ? static_cast<const S*>(p.sum_out) + row * cols : x_in;
   S* __restrict__ y_out = static_cast<S*>(p.out) + row * cols;
 
   float acc = 0.0f;
-  for (int64_t c = t; c < cols; c += kNormLanes) {
-    const float v = hf_load(x[c]);
-    acc = hf_add(acc, kLayer ? v : hf_rms_term(v));
+  if (kAdd) {
+    const S* __restrict__ branch = static_cast<const S*>(p.branch) + row * cols;
+    const S* gate_row =
+        p.gate ? static_cast<const S*>(p.gate) + hf_operand_offset(row, p.gate_map, cols) : nullptr;
+    S* sum_out = static_cast<S*>(p.sum_out) + row * cols;
+    for (int64_t c = t; c < cols; c += kNormLanes) {
+      const float v = hf_residual_add<S>(hf_load(x_in[c]), hf_load(branch[c]), gate_row, c);
+      sum_out[c] = Storage<S>::store(v);
+      acc = hf_add(acc, kLayer ? v : hf_rms_term(v));
+    }
+  } else {
+    for (int64_t c = t; c < cols; c += kNormLanes) {
+      const float v = hf_load(x[c]);
+      acc = hf_add(acc, kLayer ? v : hf_rms_term(v));
+    }
   }
   const float first = block_fold(acc, red);
 
@@ -62,10 +79,10 @@ __global__ void __launch_bounds__(kNormLanes) norm_modulate_kernel(NormModulateP
   }
 
   const S* scale_row =
-      p.scale ? static_cast<const S*>(p.scale) + hf_broadcast_row(row, p.scale_map) * cols
+      p.scale ? static_cast<const S*>(p.scale) + hf_operand_offset(row, p.scale_map, cols)
               : nullptr;
   const S* shift_row =
-      p.shift ? static_cast<const S*>(p.shift) + hf_broadcast_row(row, p.shift_map) * cols
+      p.shift ? static_cast<const S*>(p.shift) + hf_operand_offset(row, p.shift_map, cols)
               : nullptr;
   for (int64_t c = t; c < cols; c += kNormLanes) {
     const float v = hf_load(x[c]);
@@ -75,13 +92,22 @@ __global__ void __launch_bounds__(kNormLanes) norm_modulate_kernel(NormModulateP
   }
 }
 
-template <typename S>
+template <typename S, bool kAdd>
 void launch_typed(const NormModulateParams& p, bool layer_norm, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned int>(p.rows));
   if (layer_norm) {
-    norm_modulate_kernel<S, true><<<grid, kNormLanes, 0, stream>>>(p);
+    norm_modulate_kernel<S, true, kAdd><<<grid, kNormLanes, 0, stream>>>(p);
   } else {
-    norm_modulate_kernel<S, false><<<grid, kNormLanes, 0, stream>>>(p);
+    norm_modulate_kernel<S, false, kAdd><<<grid, kNormLanes, 0, stream>>>(p);
+  }
+}
+
+template <typename S>
+void launch_typed(const NormModulateParams& p, bool layer_norm, cudaStream_t stream) {
+  if (p.branch != nullptr) {
+    launch_typed<S, true>(p, layer_norm, stream);
+  } else {
+    launch_typed<S, false>(p, layer_norm, stream);
   }
 }
 

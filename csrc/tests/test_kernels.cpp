@@ -305,6 +305,78 @@ void test_norm_kernels() {
   }
 }
 
+// The residual-add variant must equal "form the sum, then the plain kernel
+// on it": the sum bitwise as x + round(branch * gate), the normalised row
+// bitwise as norm_modulate of the stored sum.
+template <typename S>
+void check_add_norm_kernel(bool layer, int64_t rows_b, int64_t rows_l, int64_t cols, bool gated,
+                           uint32_t seed) {
+  const int64_t rows = rows_b * rows_l;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  auto randv = [&](int64_t n, float mul) {
+    std::vector<float> v(n);
+    for (float& x : v) x = nd(rng) * mul;
+    return v;
+  };
+  std::vector<S> x = to_storage<S>(randv(rows * cols, 2.0f));
+  std::vector<S> branch = to_storage<S>(randv(rows * cols, 3.0f));
+  std::vector<S> gate = to_storage<S>(randv(rows_b * cols, 0.5f));
+  std::vector<S> scale = to_storage<S>(randv(rows_b * cols, 0.3f));
+  std::vector<float> w = randv(cols, 1.0f);
+  std::vector<S> sum(rows * cols), out(rows * cols), plain(rows * cols);
+
+  NormModulateParams p;
+  p.x = x.data();
+  p.out = out.data();
+  p.weight = w.data();
+  p.scale = scale.data();
+  p.scale_map = RowBroadcast{rows_l, rows_b};
+  p.branch = branch.data();
+  p.gate = gated ? gate.data() : nullptr;
+  p.gate_map = RowBroadcast{rows_l, rows_b};
+  p.sum_out = sum.data();
+  p.rows = rows;
+  p.cols = cols;
+  p.eps = 1e-6f;
+  p.dtype = Storage<S>::dtype;
+  cpu::norm_modulate(p, layer);
+
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t i = r * cols + c;
+      float prod = hf_load(branch[i]);
+      if (gated) prod = hf_round_to<S>(prod * hf_load(gate[(r / rows_l) * cols + c]));
+      const float expect = hf_round_to<S>(hf_load(x[i]) + prod);
+      EXPECT(same_bits(hf_load(sum[i]), expect), "residual sum row %lld col %lld: %a vs %a",
+             static_cast<long long>(r), static_cast<long long>(c), hf_load(sum[i]), expect);
+    }
+  }
+  NormModulateParams q = p;
+  q.x = sum.data();
+  q.out = plain.data();
+  q.branch = q.gate = nullptr;
+  q.sum_out = nullptr;
+  cpu::norm_modulate(q, layer);
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    EXPECT(same_bits(hf_load(out[i]), hf_load(plain[i])), "add+norm element %lld: %a vs %a",
+           static_cast<long long>(i), hf_load(out[i]), hf_load(plain[i]));
+  }
+}
+
+void test_add_norm_kernels() {
+  uint32_t seed = 100;
+  for (bool layer : {false, true}) {
+    for (int64_t cols : {1, 111, 1024}) {
+      for (bool gated : {false, true}) {
+        check_add_norm_kernel<float>(layer, 2, 3, cols, gated, seed++);
+        check_add_norm_kernel<half_t>(layer, 2, 3, cols, gated, seed++);
+        check_add_norm_kernel<bf16_t>(layer, 1, 5, cols, gated, seed++);
+      }
+    }
+  }
+}
+
 template <typename S>
 void check_vq_kernel(int64_t n, int64_t v, int64_t c, bool separated, uint32_t seed) {
   std::mt19937 rng(seed);
@@ -496,6 +568,7 @@ int main() {
       {"fold lanes", test_fold_lanes},
       {"modulate rounding", test_modulate_rounding},
       {"norm kernels", test_norm_kernels},
+      {"add+norm kernels", test_add_norm_kernels},
       {"vq kernel", test_vq_kernel},
       {"dispatcher", test_dispatcher},
       {"group norm math", test_group_norm_math},

@@ -10,12 +10,13 @@ and the norm kernel's reduction order):
 * the adaLN modulation linears of all ResBlocks and of the final layer run as
   ONE GEMM per step (their weights are concatenated once and cached on the
   module), since they all consume the same silu(y);
-* in_ln + modulate and the final norm + modulate use the fused
-  hart_fast.ops.layer_norm_modulate;
+* in_ln + modulate and the final norm + modulate use the fused norm kernels,
+  each ResBlock's gated residual ``x + gate * h`` fused into the norm that
+  follows it (hart_fast.ops.add_layer_norm_modulate), with the adaLN
+  shift / scale / gate read in place from the batched GEMM output;
 * with CFG both halves see the same noisy x, so input_proj(x) is computed for
   N rows and duplicated instead of for 2N rows;
 * the CFG combine + p_sample update is one fused kernel (iddpm_step_fused);
-* on CUDA the ResBlock epilogue x + gate * h is a Triton kernel;
 * optionally (cuda_graph=True, CUDA only) the whole step loop is captured in a
   CUDA graph once per (shapes, cfg, schedule, temperature) and replayed.
 """
@@ -28,8 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from hart_fast.model.diffusion import VAE_SCALE, NoiseFn, RespacedSchedule, SimpleMLPAdaLN
-from hart_fast.ops import iddpm_step_fused, layer_norm_modulate, schedule_scalars
-from hart_fast.ops.triton_epilogues import gated_residual
+from hart_fast.ops import add_layer_norm_modulate, iddpm_step_fused, layer_norm_modulate, schedule_scalars
 
 _LN_EPS = 1e-6
 
@@ -76,17 +76,24 @@ def mlp_forward_fast(net: SimpleMLPAdaLN, ada: _AdaCache, x_in: torch.Tensor, t_
     x = torch.cat([h0, h0], 0) if dup else h0  # (R, W)
     y = t_row + cond  # (R, W): broadcast of the single time row
     mod = F.linear(F.silu(y), ada.weight, ada.bias)  # (R, depth*3W + 2W), one GEMM
+    h = gate = None  # the previous ResBlock's `x + gate * h`, fused into the next norm
     for i, blk in enumerate(net.res_blocks):
         base = 3 * W * i
-        shift = mod[:, base:base + W]
+        shift = mod[:, base:base + W]  # column slices, read in place by the kernels
         scale = mod[:, base + W:base + 2 * W]
-        gate = mod[:, base + 2 * W:base + 3 * W]
-        hmod = layer_norm_modulate(x, blk.in_ln.weight, blk.in_ln.bias, scale, shift, _LN_EPS)
+        w, b = blk.in_ln.weight, blk.in_ln.bias
+        if h is None:
+            hmod = layer_norm_modulate(x, w, b, scale, shift, _LN_EPS)
+        else:
+            x, hmod = add_layer_norm_modulate(x, h, gate, w, b, scale, shift, _LN_EPS)
         h = blk.mlp(hmod)
-        x = gated_residual(x, gate, h)
+        gate = mod[:, base + 2 * W:base + 3 * W]
     base = 3 * W * len(net.res_blocks)
     shift, scale = mod[:, base:base + W], mod[:, base + W:base + 2 * W]
-    xf = layer_norm_modulate(x, None, None, scale, shift, _LN_EPS)
+    if h is None:
+        xf = layer_norm_modulate(x, None, None, scale, shift, _LN_EPS)
+    else:
+        _, xf = add_layer_norm_modulate(x, h, gate, None, None, scale, shift, _LN_EPS)
     return net.final_layer.linear(xf)
 
 

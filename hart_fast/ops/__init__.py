@@ -33,6 +33,10 @@ else:
 
 # One module per op family; each pairs the op with its `_reference`.
 from hart_fast.ops.norm import (  # noqa: E402
+    add_layer_norm_modulate,
+    add_layer_norm_modulate_reference,
+    add_rms_norm_modulate,
+    add_rms_norm_modulate_reference,
     layer_norm_modulate,
     layer_norm_modulate_reference,
     rms_norm_modulate,
@@ -67,6 +71,10 @@ __all__ = [
     "HAS_EXTENSION",
     "EXTENSION_IMPORT_ERROR",
     # norms
+    "add_layer_norm_modulate",
+    "add_layer_norm_modulate_reference",
+    "add_rms_norm_modulate",
+    "add_rms_norm_modulate_reference",
     "layer_norm_modulate",
     "layer_norm_modulate_reference",
     "rms_norm_modulate",

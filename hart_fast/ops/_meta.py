@@ -22,6 +22,18 @@ def _layer_norm_modulate_fake(x, weight, bias, scale, shift, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("hart_fast::add_rms_norm_modulate")
+def _add_rms_norm_modulate_fake(x, branch, gate, weight, scale, shift, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("hart_fast::add_layer_norm_modulate")
+def _add_layer_norm_modulate_fake(x, branch, gate, weight, bias, scale, shift, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
 @torch.library.register_fake("hart_fast::vq_nearest_code")
 def _vq_nearest_code_fake(z, codebook):
     torch._check(z.dim() == 2, lambda: "vq_nearest_code: z must be 2-D (N, C).")

@@ -1,4 +1,4 @@
-"""Fused RMSNorm / LayerNorm + AdaLN modulation.
+"""Fused RMSNorm / LayerNorm + AdaLN modulation, and their residual-add variants.
 
 Shapes: x (..., C) is normalised over its last dim C.  weight / bias are (C,).
 scale / shift broadcast against x with last dim C; in HART they are (B, 1, C)
@@ -8,6 +8,12 @@ Numerics (both the kernels and the references):
   * the normalisation runs in fp32 and rounds once to x.dtype;
   * the modulation ``y.mul(1 + scale).add(shift)`` then runs in x.dtype, i.e.
     each of the three ops rounds to x.dtype, exactly as PyTorch evaluates it.
+
+The residual-add variants ``add_*_norm_modulate(x, branch, gate, ...)`` first
+form ``s = x + branch * gate`` (``x + branch`` without gate; the product and
+the sum each round to x.dtype, as PyTorch evaluates the expression) and return
+``(s, norm_modulate(s))``.  In a HART block that is the gated residual add of
+one sub-layer followed by the next sub-layer's norm, fused into one pass.
 
 The kernels compute row sums in a different order than torch's reductions,
 so fp32 results agree to ~1e-6 relative, and low-precision results agree
@@ -77,10 +83,39 @@ def layer_norm_modulate_reference(
     return _modulate_reference(y, scale, shift)
 
 
+def add_rms_norm_modulate_reference(
+    x: torch.Tensor,  # (..., C) the residual stream
+    branch: torch.Tensor,  # (..., C) the sub-layer output, x's shape and dtype
+    gate: torch.Tensor | None = None,  # broadcastable to x, e.g. (B, 1, C); x.dtype
+    weight: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (s, normalised s), both (..., C) x.dtype
+    """``s = x + branch * gate`` then :func:`rms_norm_modulate_reference` of s."""
+    s = x + (branch if gate is None else branch * gate)
+    return s, rms_norm_modulate_reference(s, weight, scale, shift, eps)
+
+
+def add_layer_norm_modulate_reference(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gate: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + branch * gate`` then :func:`layer_norm_modulate_reference` of s."""
+    s = x + (branch if gate is None else branch * gate)
+    return s, layer_norm_modulate_reference(s, weight, bias, scale, shift, eps)
+
+
 # ---------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------
-def _check_common(op: str, x, scale, shift, eps) -> None:
+def _check_common(op: str, x, scale, shift, eps, gate=None) -> None:
     check_tensor(op, "x", x)
     check_float_dtype(op, "x", x)
     if x.dim() < 1 or x.shape[-1] < 1:
@@ -93,7 +128,7 @@ def _check_common(op: str, x, scale, shift, eps) -> None:
     if not (0.0 <= float(eps) < float("inf")):
         raise ValueError(f"{op}: expected eps to be a finite non-negative number, but got {eps}.")
     C = x.shape[-1]
-    for name, t in (("scale", scale), ("shift", shift)):
+    for name, t in (("scale", scale), ("shift", shift), ("gate", gate)):
         check_tensor(op, name, t, allow_none=True)
         if t is None:
             continue
@@ -118,6 +153,33 @@ def _check_common(op: str, x, scale, shift, eps) -> None:
                     f"shape {tuple(x.shape)} (dimension {k} of {name} is {ts} but must be 1 or "
                     f"{xs})."
                 )
+
+
+def _check_branch(op: str, x, branch) -> None:
+    check_tensor(op, "branch", branch)
+    check_same_device(op, "branch", branch, x, "x")
+    if branch.shape != x.shape:
+        raise ValueError(
+            f"{op}: expected branch to have the same shape as x, {tuple(x.shape)}, but got "
+            f"branch with shape {tuple(branch.shape)}."
+        )
+    if branch.dtype != x.dtype:
+        raise TypeError(
+            f"{op}: expected branch to have the same dtype as x ({_DTYPE_NAME[x.dtype]}), but got "
+            f"branch with dtype {str(branch.dtype).replace('torch.', '')}; cast it first."
+        )
+
+
+def _check_layer_affine(op: str, x, weight, bias) -> None:
+    allowed = (x.dtype,) if x.dtype == torch.float32 else (x.dtype, torch.float32)
+    _check_affine(op, "weight", weight, x, allowed)
+    _check_affine(op, "bias", bias, x, allowed)
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise TypeError(
+            f"{op}: expected weight and bias to have the same dtype, but got weight with dtype "
+            f"{str(weight.dtype).replace('torch.', '')} and bias with dtype "
+            f"{str(bias.dtype).replace('torch.', '')}."
+        )
 
 
 def _check_affine(op: str, name: str, t, x, allowed) -> None:
@@ -174,15 +236,57 @@ def layer_norm_modulate(
     """
     op = "layer_norm_modulate"
     _check_common(op, x, scale, shift, eps)
-    allowed = (x.dtype,) if x.dtype == torch.float32 else (x.dtype, torch.float32)
-    _check_affine(op, "weight", weight, x, allowed)
-    _check_affine(op, "bias", bias, x, allowed)
-    if weight is not None and bias is not None and weight.dtype != bias.dtype:
-        raise TypeError(
-            f"{op}: expected weight and bias to have the same dtype, but got weight with dtype "
-            f"{str(weight.dtype).replace('torch.', '')} and bias with dtype "
-            f"{str(bias.dtype).replace('torch.', '')}."
-        )
+    _check_layer_affine(op, x, weight, bias)
     if not use_compiled(x):
         return layer_norm_modulate_reference(x, weight, bias, scale, shift, eps)
     return torch.ops.hart_fast.layer_norm_modulate(x, weight, bias, scale, shift, float(eps))
+
+
+def add_rms_norm_modulate(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gate: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + branch * gate``, then RMSNorm + modulation of s: returns (s, normalised s).
+
+    Same semantics as :func:`add_rms_norm_modulate_reference`.  branch has x's
+    shape and dtype; gate broadcasts like scale / shift.  Both outputs are new
+    contiguous tensors of x's shape and dtype.
+    """
+    op = "add_rms_norm_modulate"
+    _check_common(op, x, scale, shift, eps, gate)
+    _check_branch(op, x, branch)
+    _check_affine(op, "weight", weight, x, FLOAT_DTYPES)
+    if not use_compiled(x):
+        return add_rms_norm_modulate_reference(x, branch, gate, weight, scale, shift, eps)
+    return torch.ops.hart_fast.add_rms_norm_modulate(x, branch, gate, weight, scale, shift, float(eps))
+
+
+def add_layer_norm_modulate(
+    x: torch.Tensor,
+    branch: torch.Tensor,
+    gate: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + branch * gate``, then LayerNorm + modulation of s: returns (s, normalised s).
+
+    Same semantics as :func:`add_layer_norm_modulate_reference`; the affine
+    parameters follow :func:`layer_norm_modulate`'s rules.
+    """
+    op = "add_layer_norm_modulate"
+    _check_common(op, x, scale, shift, eps, gate)
+    _check_branch(op, x, branch)
+    _check_layer_affine(op, x, weight, bias)
+    if not use_compiled(x):
+        return add_layer_norm_modulate_reference(x, branch, gate, weight, bias, scale, shift, eps)
+    return torch.ops.hart_fast.add_layer_norm_modulate(
+        x, branch, gate, weight, bias, scale, shift, float(eps)
+    )

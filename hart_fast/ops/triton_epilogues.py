@@ -1,12 +1,17 @@
-"""Triton epilogue kernels for the residual-diffusion MLP (CUDA fast path).
+"""Triton epilogue kernel: the gated residual add ``x + gate * h``.
 
-``gated_residual(x, gate, h) = x + gate * h`` is the ResBlock's output
-epilogue.  gate arrives as a column slice of the batched adaLN GEMM output
-(a strided view), so the kernel takes row strides instead of forcing a copy.
+Used where a gated residual add is *not* followed by a norm that could absorb
+it (those adds go through ``add_rms_norm_modulate`` / ``add_layer_norm_modulate``):
+the last block of the AR transformer, whose sum feeds the fp32 head norm.
+
+Shapes: x, h (..., W) with the same shape; gate either x's shape or, for x
+(B, L, W), one row per batch entry (B, 1, W) (HART's AdaLN gates).  The gate
+may be a strided view (a column slice of a wider GEMM output): the kernel takes
+row strides and a row divisor instead of forcing a copy.
 
 Triton is imported lazily: on a CPU-only machine (or without triton) the
-callers use the torch expression.  Tests run this kernel on the CPU under
-``TRITON_INTERPRET=1``.
+callers get the torch expression.  Tests run this kernel on the CPU under
+``TRITON_INTERPRET=1`` (fp32/fp16 only there).
 
 Rounding: the reference rounds ``gate * h`` and then the sum.  Triton
 contracts a*b + c into an FMA by default on the GPU (one rounding fewer), so
@@ -28,15 +33,16 @@ def _build_kernel():
     import triton.language as tl
 
     @triton.jit
-    def _gated_residual_kernel(x_ptr, g_ptr, h_ptr, out_ptr, n_cols,
+    def _gated_residual_kernel(x_ptr, g_ptr, h_ptr, out_ptr, n_cols, g_div,
                                sx, sg, sh, so, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         col0 = tl.program_id(1) * BLOCK
         cols = col0 + tl.arange(0, BLOCK)
         mask = cols < n_cols
         row = row.to(tl.int64)
+        g_row = row // g_div  # g_div rows of x share one gate row
         x = tl.load(x_ptr + row * sx + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + row * sg + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + g_row * sg + cols, mask=mask, other=0.0).to(tl.float32)
         h = tl.load(h_ptr + row * sh + cols, mask=mask, other=0.0).to(tl.float32)
         # Round the product in the storage dtype first, like torch's `gate * h`.
         gh = (g * h).to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -58,36 +64,52 @@ def triton_available(device: torch.device) -> bool:
 
 
 def gated_residual_reference(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return x + gate * h  # (M, W)
+    return x + gate * h  # (..., W)
+
+
+def _gate_rows(x: torch.Tensor, gate: torch.Tensor):
+    """gate as (G, W) rows with unit column stride, and how many x rows share one."""
+    W = x.shape[-1]
+    if gate.shape == x.shape:
+        g2 = gate.reshape(-1, W)
+        return g2, 1
+    if x.dim() == 3 and gate.shape == (x.shape[0], 1, W):
+        return gate.reshape(x.shape[0], W), x.shape[1]
+    raise ValueError(f"gated_residual: gate must have x's shape {tuple(x.shape)} or (B, 1, W) = "
+                     f"({x.shape[0]}, 1, {W}) for a 3-D x, but got gate with shape {tuple(gate.shape)}.")
 
 
 def gated_residual_triton(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """x + gate * h for 2-D (M, W) fp32/fp16 tensors with unit column stride."""
+    """x + gate * h (see the module docstring for shapes), fp32/fp16/bf16 on CUDA."""
     global _KERNEL
     if _KERNEL is None:
         _KERNEL = _build_kernel()
-    M, W = x.shape
-    for name, t in (("x", x), ("gate", gate), ("h", h)):
-        if t.shape != (M, W) or t.dtype != x.dtype:
-            raise ValueError(f"gated_residual: {name} must be {tuple(x.shape)} {x.dtype}, got "
-                             f"{tuple(t.shape)} {t.dtype}")
-    x, gate, h = (t if t.stride(1) == 1 else t.contiguous() for t in (x, gate, h))
+    for name, t in (("gate", gate), ("h", h)):
+        if t.dtype != x.dtype:
+            raise ValueError(f"gated_residual: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+    if h.shape != x.shape:
+        raise ValueError(f"gated_residual: h must have x's shape {tuple(x.shape)}, got {tuple(h.shape)}")
+    W = x.shape[-1]
+    g2, g_div = _gate_rows(x, gate)
+    x2, h2 = x.reshape(-1, W), h.reshape(-1, W)
+    x2, g2, h2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x2, g2, h2))
+    M = x2.shape[0]
     out = torch.empty((M, W), dtype=x.dtype, device=x.device)
     if M == 0 or W == 0:
-        return out
+        return out.view(x.shape)
     BLOCK = 1024
     grid = (M, (W + BLOCK - 1) // BLOCK)
     # No FMA contraction on the GPU (bitwise the torch expression); the
     # interpreter neither fuses nor knows the compile option.
     opts = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
-    _KERNEL[grid](x, gate, h, out, W, x.stride(0), gate.stride(0), h.stride(0), out.stride(0),
+    _KERNEL[grid](x2, g2, h2, out, W, g_div, x2.stride(0), g2.stride(0), h2.stride(0), out.stride(0),
                   BLOCK=BLOCK, **opts)
-    return out
+    return out.view(x.shape)
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Triton kernel on CUDA (fp32/fp16), the torch expression otherwise."""
-    if x.dtype in (torch.float32, torch.float16) and triton_available(x.device):
+    """Triton kernel on CUDA, the torch expression otherwise (same bits)."""
+    if triton_available(x.device) and (x.device.type == "cuda" or x.dtype in (torch.float32, torch.float16)):
         return gated_residual_triton(x, gate, h)
     return gated_residual_reference(x, gate, h)
 

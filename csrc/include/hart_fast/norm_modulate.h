@@ -10,6 +10,13 @@
 //          y = round_T(y * round_T(1 + scale))   `.mul(1 + scale)` in T
 //          y = round_T(y + shift)                `.add(shift)` in T
 //
+// The residual-add variants (add_*_norm_modulate) first form the block's
+// residual stream  s = round_T(x + round_T(branch * gate))  (or
+// round_T(x + branch) without gate), exactly `x + branch.mul(gate)` in T,
+// store s, and normalise s as above.  HART's blocks end in such a gated add
+// that is immediately followed by the next norm, so fusing the two saves a
+// full read + write of the stream and a launch.
+//
 // Reduction order: row sums are accumulated in kNormLanes partial sums (lane
 // j owns elements j, j + kNormLanes, ... in increasing order) and the lanes
 // are folded with a fixed pairwise tree.  The CUDA kernel runs one block of
@@ -30,8 +37,8 @@ namespace hart_fast {
 constexpr int kNormLanes = 256;
 
 // Maps a flattened row index of x (rows = prod(x.shape[:-1])) to the row of
-// a broadcast operand (scale / shift), whose rows are stored contiguously with
-// `cols` elements each: operand_row = (row / inner) % outer.  This covers the
+// a broadcast operand (scale / shift / gate), whose rows have `cols`
+// contiguous elements each, `row_stride` apart: operand_row = (row / inner) % outer.  This covers the
 // broadcast patterns that occur in practice without materialising them:
 //   (C,) / (1, 1, C)        -> outer = 1
 //   (B, 1, C) vs (B, L, C)  -> inner = L, outer = B
@@ -41,20 +48,36 @@ constexpr int kNormLanes = 256;
 struct RowBroadcast {
   int64_t inner = 1;
   int64_t outer = 1;
+  // Elements between consecutive operand rows; 0 means `cols` (contiguous).
+  // A column slice of a wider matrix (the diffusion MLP's shift / scale /
+  // gate are slices of one adaLN GEMM output) is read in place this way.
+  int64_t row_stride = 0;
 };
 
 HF_HOST_DEVICE inline int64_t hf_broadcast_row(int64_t row, RowBroadcast b) {
   return (row / b.inner) % b.outer;
 }
 
+// Element offset of the operand row that x's row `row` reads.
+HF_HOST_DEVICE inline int64_t hf_operand_offset(int64_t row, RowBroadcast b, int64_t cols) {
+  return hf_broadcast_row(row, b) * (b.row_stride > 0 ? b.row_stride : cols);
+}
+
 // Raw, torch-free description of one norm+modulate call.  Pointers of type
 // void refer to elements of `dtype`; weight and bias are always fp32 (the
 // torch glue upcasts them, which is exact).  x and out are contiguous
-// (rows, cols); scale / shift are contiguous (outer, cols).  Null pointers
+// (rows, cols); scale / shift are (outer, cols) rows as their maps describe.  Null pointers
 // mean "absent".
 struct NormModulateParams {
   const void* x = nullptr;
   void* out = nullptr;
+  // Residual-add variant (all null otherwise): branch is contiguous
+  // (rows, cols) like x; gate contiguous (outer, cols) with gate_map; the sum
+  // x + branch * gate is written to sum_out (rows, cols) and then normalised.
+  const void* branch = nullptr;
+  const void* gate = nullptr;
+  RowBroadcast gate_map;
+  void* sum_out = nullptr;
   const float* weight = nullptr;
   const float* bias = nullptr;  // layer norm only
   const void* scale = nullptr;
@@ -66,6 +89,14 @@ struct NormModulateParams {
   float eps = 0.0f;
   DType dtype = DType::kFloat32;
 };
+
+// `x + branch.mul(gate)` (or `x + branch`) evaluated by PyTorch in dtype S:
+// the product rounds to S, then the sum.  Inputs are representable in S.
+template <typename S>
+HF_HOST_DEVICE inline float hf_residual_add(float x, float branch, const S* gate_row, int64_t c) {
+  if (gate_row != nullptr) branch = hf_round_to<S>(hf_mul(branch, hf_load(gate_row[c])));
+  return hf_round_to<S>(hf_add(x, branch));
+}
 
 // Element contribution to the first row sum.
 HF_HOST_DEVICE inline float hf_rms_term(float x) { return hf_mul(x, x); }
