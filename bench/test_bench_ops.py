@@ -69,17 +69,24 @@ def test_layer_norm_modulate(benchmark, device, dtype, impl):
     assert out.shape == x.shape
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+def _add_then_norm_kernel(x, branch, gate, weight, scale, shift, eps):
+    s = x + branch * gate  # what the engine did before the fused op
+    return s, ops.rms_norm_modulate(s, weight, scale, shift, eps)
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["unfused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_add_rms_norm_modulate(benchmark, device, dtype, impl):
-    # A HART block's gated residual add followed by the next norm + modulate.
+    # A HART block's gated residual add followed by the next norm + modulate:
+    # fused kernel vs torch add + norm kernel ("unfused") vs the reference.
     check_impl(impl, device)
     benchmark.group = f"add_rms_norm_modulate-{device}-{str(dtype)[6:]}"
     x, weight, scale, shift = _norm_inputs(device, dtype)
     branch = torch.randn_like(x)
     gate = scale.flip(-1)
-    fn = ops.add_rms_norm_modulate if impl == "kernel" else ops.add_rms_norm_modulate_reference
+    fn = {"kernel": ops.add_rms_norm_modulate, "reference": ops.add_rms_norm_modulate_reference,
+          "unfused": _add_then_norm_kernel}[impl]
     s, y = timed(benchmark, device, fn, x, branch, gate, weight, scale, shift, 1e-6, rounds=ROUNDS[device])
     assert s.shape == y.shape == x.shape
 
