@@ -123,6 +123,32 @@ def section_vae(dev, dtype, batches, repeats):
     return rows
 
 
+def section_norm(dev, dtype, repeats):
+    """A block's gated residual add + the next norm at the last stage's shape
+    (2 x 4,096 tokens per image for CFG, C = 1,536): fused vs torch add + norm kernel."""
+    from hart_fast import ops
+
+    rows = []
+    for B in (1, 8):
+        x = torch.randn(2 * B, 4096, 1536, device=dev, dtype=dtype)
+        branch = torch.randn_like(x)
+        w = torch.randn(1536, device=dev)
+        gate, scale, shift = (0.1 * torch.randn(2 * B, 1, 1536, device=dev, dtype=dtype) for _ in range(3))
+
+        def unfused():
+            s = x + branch * gate
+            return ops.rms_norm_modulate(s, w, scale, shift, 1e-6)
+
+        rows.append({
+            "section": "add + RMSNorm + modulate", "batch": B,
+            "reference_ms": median_ms(lambda: ops.add_rms_norm_modulate_reference(x, branch, gate, w, scale, shift),
+                                      dev, repeats),
+            "unfused_ms": median_ms(unfused, dev, repeats),
+            "fused_ms": median_ms(lambda: ops.add_rms_norm_modulate(x, branch, gate, w, scale, shift), dev, repeats),
+        })
+    return rows
+
+
 def section_vq_glue(dev, dtype, repeats):
     try:
         from hart_fast.ops.vq_glue import next_scale_input_fast
@@ -150,7 +176,7 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats")
-    p.add_argument("--sections", default="attention,ar,diffusion,vae,vq,e2e")
+    p.add_argument("--sections", default="attention,norm,ar,diffusion,vae,vq,e2e")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("report.py needs a CUDA device", file=sys.stderr)
@@ -162,6 +188,7 @@ def main(argv=None):
     print(f"# card: {card}, torch {torch.__version__}, dtype fp16, median of {repeats}")
     sections = {
         "attention": lambda: section_attention(dev, dtype, repeats),
+        "norm": lambda: section_norm(dev, dtype, repeats),
         "ar": lambda: section_ar(dev, dtype, batches, repeats),
         "diffusion": lambda: section_diffusion(dev, dtype, batches, repeats),
         "vae": lambda: section_vae(dev, dtype, batches, repeats),
