@@ -15,6 +15,7 @@ VARIANTS = [
     {},
     {"disable_aln": False, "sep_aln_pooling_mode": "avg"},
     {"disable_aln": True, "shared_aln": True},
+    {"disable_aln": True, "shared_aln": False},  # no modulation: ungated residual adds
     {"mlp_type": "llama", "attn_l2_norm": True},
 ]
 
