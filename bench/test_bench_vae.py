@@ -7,8 +7,8 @@
   on CUDA at the decoder's widest activation (1, 160, 1024, 1024); NCHW and
   channels_last.
 * FastDecoder vs the reference Decoder at HART's real configuration (ch 160,
-  ch_mult (1, 1, 2, 2, 4), z 32) with random weights: on the CPU at an 8 x 8
-  latent (128 x 128 image) to keep rounds short, on CUDA at the real 64 x 64
+  ch_mult (1, 1, 2, 2, 4), z 32) with random weights: on the CPU at 8 x 8 and
+  16 x 16 latents (128 / 256 pixel images) to keep rounds short, on CUDA at the real 64 x 64
   latent (1024 x 1024 image), batch 1 and 8.
 Each timed call synchronises the device, so CUDA numbers include launch overhead.
 """
@@ -78,6 +78,7 @@ def _decoder(device, dtype):
 # (device, batch, latent, dtype)
 DECODE_CASES = [
     pytest.param("cpu", 1, 8, torch.float32, id="cpu-b1-8x8-fp32"),
+    pytest.param("cpu", 1, 16, torch.float32, id="cpu-b1-16x16-fp32"),
     pytest.param("cuda", 1, 64, torch.float32, id="cuda-b1-64x64-fp32", marks=CUDA),
     pytest.param("cuda", 1, 64, torch.bfloat16, id="cuda-b1-64x64-bf16", marks=CUDA),
     pytest.param("cuda", 8, 64, torch.bfloat16, id="cuda-b8-64x64-bf16", marks=CUDA),
