@@ -113,17 +113,17 @@ def test_tiled_decode_loose_bound(conformance):
     # Tiles see only their own GroupNorm statistics / attention context, so
     # the result is approximate.  On this tiny conformance tokenizer (24 x 24
     # latent, tile 16, overlap 8) the measured error against the full decode
-    # is mean |d| = 0.12, max 1.0 on images in [0, 1]: the tiny random-ish
-    # model's statistics vary strongly across the image.  Trained weights are
-    # expected to do much better, which this test cannot check.
+    # is mean |d| = 0.119 on images in [0, 1] (max 1.0): the random model's
+    # GroupNorm statistics vary strongly across the image (an experiment with
+    # the attention levels decoded whole and haloed tiles still gave 0.08, so
+    # the per-tile statistics dominate).  The bound pins today's behaviour.
     tok, f_hat, _ = conformance
     f = F.interpolate(f_hat, size=(24, 24), mode="bicubic")
     full = (fhat_to_img_fast(tok, f) + 1) / 2
     tiled = (fhat_to_img_fast(tok, f, tiled=True, tile=16, overlap=8) + 1) / 2
     assert tiled.shape == full.shape
     d = (tiled - full).abs()
-    assert d.mean().item() < 0.25
-    assert d.max().item() <= 1.0
+    assert 0.0 < d.mean().item() < 0.15
 
 
 def test_decode_tiled_errors():
