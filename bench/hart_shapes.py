@@ -33,12 +33,25 @@ SMALL_TOK = {**REAL_TOK, "vocab_size": 256, "z_channels": 8, "ch": 32, "ch_mult"
              "v_patch_nums": [1, 2, 3, 4, 6, 8, 12, 16]}
 
 
+# The most recently built (transformer, tokenizer), keyed by configuration:
+# building and randomising the 0.7B model takes ~10 s on the CPU, which a GPU
+# session pays out of its device time for every pipeline a report creates.
+_MODULES: Dict[str, tuple] = {}
+
+
 def random_pipeline(llm: dict, tok: dict, device, dtype, fast: bool, seed: int = 0) -> HartPipeline:
-    tcfg, kcfg = TransformerConfig.from_dict(dict(llm)), TokenizerConfig.from_dict(dict(tok))
-    tr = HartTransformer(tcfg, kcfg.Cvae, kcfg.vocab_size)
-    tk = HartTokenizer(kcfg, with_encoder=False)
-    randomize_(tr, seed)
-    randomize_(tk, seed + 1)
+    """A pipeline with random weights; pipelines of the same configuration share
+    their modules (only the fast/reference choice and the engine differ)."""
+    key = repr((sorted(llm.items()), sorted(tok.items()), str(device), str(dtype), seed))
+    if key not in _MODULES:
+        _MODULES.clear()  # keep one real-size model alive at a time
+        tcfg, kcfg = TransformerConfig.from_dict(dict(llm)), TokenizerConfig.from_dict(dict(tok))
+        tr = HartTransformer(tcfg, kcfg.Cvae, kcfg.vocab_size)
+        tk = HartTokenizer(kcfg, with_encoder=False)
+        randomize_(tr, seed)
+        randomize_(tk, seed + 1)
+        _MODULES[key] = (tr, tk)
+    tr, tk = _MODULES[key]
     return HartPipeline(tr, tk, device=device, dtype=dtype, fast=fast)
 
 

@@ -29,7 +29,7 @@ def section_ar(dev, dtype, batches, repeats):
             pipe = random_pipeline(REAL_LLM, REAL_TOK, dev, dtype, fast=path == "fast")
             t = ar_stage_times(pipe, B, repeats)
             rows.append({"section": "AR transformer", "path": path, "batch": B, **t})
-            pipe = None  # free the weights before the next configuration
+            pipe = None  # free its engine (static buffers, CUDA graphs); the weights are shared
             torch.cuda.empty_cache()
     return rows
 
@@ -42,7 +42,7 @@ def section_end_to_end(dev, dtype, batches, repeats):
             ctx, mask = random_prompts(pipe, B)
             ms = median_ms(lambda: pipe.generate(ctx, mask, seed=0), dev, repeats)
             rows.append({"section": "end-to-end", "path": path, "batch": B, "ms": ms, "ms_per_image": ms / B})
-            pipe = None  # free the weights before the next configuration
+            pipe = None  # free its engine (static buffers, CUDA graphs); the weights are shared
             torch.cuda.empty_cache()
     return rows
 
