@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -64,8 +65,7 @@ def section_attention(dev, dtype, repeats):
             row = {"section": "attention", "queries": lq, "keys": kv, "batch(2xCFG)": B}
             for name in ("ours", "sdpa", "flash"):
                 try:
-                    ms = median_ms(lambda: ops.attention(q, k, v, kv, scale, backend=name if name != "ours" else "hart"),
-                                   dev, repeats)
+                    ms = median_ms(lambda: ops.attention(q, k, v, kv, scale, backend=name), dev, repeats)
                 except Exception as e:  # backend missing (flash-attn not installed) or refused
                     ms = float("nan")
                     row[f"{name}_error"] = type(e).__name__
@@ -97,7 +97,8 @@ def section_diffusion(dev, dtype, batches, repeats):
             if sample_residual_fast is not None:
                 for graph in (False, True):
                     row[f"fast{'_graph' if graph else ''}_ms"] = median_ms(
-                        lambda: sample_residual_fast(net, z, 3.6, sched, 1.0, None, noise, cuda_graph=graph), dev, repeats)
+                        lambda: sample_residual_fast(net, z, 3.6, sched, 1.0, None, noise, cuda_graph=graph),
+                        dev, repeats)
         rows.append(row)
     return rows
 
@@ -114,7 +115,8 @@ def section_vae(dev, dtype, batches, repeats):
     for B in batches:
         f = torch.randn(B, 32, 64, 64, device=dev, dtype=dtype)
         with torch.inference_mode():
-            row = {"section": "VAE decode", "batch": B, "reference_ms": median_ms(lambda: tok.fhat_to_img(f), dev, repeats)}
+            row = {"section": "VAE decode", "batch": B,
+                   "reference_ms": median_ms(lambda: tok.fhat_to_img(f), dev, repeats)}
             if fhat_to_img_fast is not None:
                 for cl in (False, True):
                     row[f"fast{'_cl' if cl else ''}_ms"] = median_ms(
@@ -171,16 +173,24 @@ def section_vq_glue(dev, dtype, repeats):
     return [row]
 
 
+# Sections in priority order: the issues' targets first (AR, diffusion, VAE,
+# VQ glue), then end to end, then the kernel-level comparisons.
+SECTION_ORDER = "ar,diffusion,vae,vq,e2e,norm,attention"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="batch 1 only, 3 repeats")
-    p.add_argument("--sections", default="attention,norm,ar,diffusion,vae,vq,e2e")
+    p.add_argument("--sections", default=SECTION_ORDER)
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new section after this many seconds (device time is scarce)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("report.py needs a CUDA device", file=sys.stderr)
         return 2
+    t_start = time.monotonic()
     dev, dtype = "cuda", torch.float16
     batches = [1] if args.quick else [1, 8]
     repeats = 3 if args.quick else args.repeats
@@ -197,17 +207,22 @@ def main(argv=None):
     }
     report = {"card": card, "torch": torch.__version__, "dtype": "fp16", "repeats": repeats, "sections": {}}
     for name in args.sections.split(","):
-        try:
-            rows = sections[name]()
-            report["sections"][name] = rows
-            print(f"\n## {name}\n" + table(rows), flush=True)
-        except Exception:
-            report["sections"][name] = {"error": traceback.format_exc()}
-            print(f"\n## {name}: FAILED\n{traceback.format_exc()}", flush=True)
-        torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+        elapsed = time.monotonic() - t_start
+        if args.budget_s is not None and elapsed > args.budget_s:
+            report["sections"][name] = {"skipped": f"time budget of {args.budget_s:.0f} s spent"}
+            print(f"\n## {name}: skipped (budget of {args.budget_s:.0f} s spent after {elapsed:.0f} s)", flush=True)
+        else:
+            try:
+                rows = sections[name]()
+                report["sections"][name] = rows
+                print(f"\n## {name} ({time.monotonic() - t_start - elapsed:.0f} s)\n" + table(rows), flush=True)
+            except Exception:
+                report["sections"][name] = {"error": traceback.format_exc()}
+                print(f"\n## {name}: FAILED\n{traceback.format_exc()}", flush=True)
+            torch.cuda.empty_cache()
+        if args.out:  # after every section, so a run cut short still leaves its figures
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1, default=str)
     return 0
 
 
