@@ -63,7 +63,7 @@ def section_attention(dev, dtype, repeats):
             v = torch.randn_like(k)
             scale = 0.25 / d ** 0.5
             row = {"section": "attention", "queries": lq, "keys": kv, "batch(2xCFG)": B}
-            for name in ("ours", "sdpa", "flash"):
+            for name in ("ours", "sdpa", "flash", "triton"):
                 try:
                     ms = median_ms(lambda: ops.attention(q, k, v, kv, scale, backend=name), dev, repeats)
                 except Exception as e:  # backend missing (flash-attn not installed) or refused
@@ -71,7 +71,8 @@ def section_attention(dev, dtype, repeats):
                     row[f"{name}_error"] = type(e).__name__
                 row[f"{name}_ms"] = ms
             flops = 4 * B * H * lq * kv * d
-            row["best_TFLOPs"] = flops / (min(x for x in (row["ours_ms"], row["sdpa_ms"]) if x == x) * 1e-3) / 1e12
+            timed = [row[f"{n}_ms"] for n in ("ours", "sdpa", "flash", "triton") if row[f"{n}_ms"] == row[f"{n}_ms"]]
+            row["best_TFLOPs"] = flops / (min(timed) * 1e-3) / 1e12 if timed else float("nan")
             rows.append(row)
     return rows
 

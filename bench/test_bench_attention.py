@@ -8,7 +8,7 @@ per stage lq in {1, 64, 256} (+ 1024 / 4096 on CUDA) over the keys cached so
 far.  CPU keeps kv <= ~2,000 so the file stays well under a minute; CUDA
 uses the real cache lengths of HART 1024px (up to 9,750 keys).  The CUDA
 numbers are what CUDA_CROSSOVER in hart_fast/ops/attention.py must be filled
-in from ("ours" vs "sdpa" per lq).
+in from ("ours" vs "sdpa" vs "triton" per lq).
 """
 
 from __future__ import annotations
@@ -37,18 +37,22 @@ ROUNDS = {"cpu": 5, "cuda": 30}
 
 
 
+# Backends timed per device: the Triton kernel needs CUDA (its CPU interpreter is a test tool).
+ATTN_IMPLS = {"cpu": ("ours", "sdpa"), "cuda": ("ours", "sdpa", "triton")}
+
+
 def _shape_params():
     out = []
     for dev in DEVICES:
         name = dev if isinstance(dev, str) else dev.values[0]
         marks = () if isinstance(dev, str) else dev.marks
         for lq, kv in ATTN_SHAPES[name]:
-            out.append(pytest.param(name, lq, kv, marks=marks, id=f"{name}-lq{lq}-kv{kv}"))
+            for impl in ATTN_IMPLS[name]:
+                out.append(pytest.param(name, lq, kv, impl, marks=marks, id=f"{name}-lq{lq}-kv{kv}-{impl}"))
     return out
 
 
-@pytest.mark.parametrize("impl", ["ours", "sdpa"])
-@pytest.mark.parametrize("device,lq,kv_len", _shape_params())
+@pytest.mark.parametrize("device,lq,kv_len,impl", _shape_params())
 def test_attention(benchmark, device, lq, kv_len, impl):
     if impl == "ours":
         check_kernel(device)

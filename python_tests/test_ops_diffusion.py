@@ -21,9 +21,6 @@ Tolerances:
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -35,6 +32,7 @@ from hart_fast.ops import iddpm_step_fused, iddpm_step_fused_reference, schedule
 from hart_fast.ops.triton_epilogues import gated_residual
 
 from tiny_models import REFERENCE_DIR  # noqa: E402
+from triton_interpreter import run_with_triton_interpreter  # noqa: E402
 
 REF_DIR = REFERENCE_DIR
 SCHED = RespacedSchedule.build("8")
@@ -131,10 +129,7 @@ class TestIddpmErrors:
 # Triton epilogue (runs on the CPU through the Triton interpreter)
 # ---------------------------------------------------------------------------
 def test_gated_residual_triton_interpreter():
-    pytest.importorskip("triton")
-    script = textwrap.dedent("""
-        import os
-        os.environ["TRITON_INTERPRET"] = "1"
+    run_with_triton_interpreter("""
         import torch
         from hart_fast.ops.triton_epilogues import gated_residual_triton, gated_residual_reference
         g = torch.Generator().manual_seed(0)
@@ -164,11 +159,6 @@ def test_gated_residual_triton_interpreter():
             raise AssertionError("a gate of the wrong shape was accepted")
         print("OK")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                         env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
 
 
 def test_gated_residual_cpu_is_torch_expression():
@@ -179,7 +169,6 @@ def test_gated_residual_cpu_is_torch_expression():
 
 
 def test_gated_residual_cuda_matches_torch(cuda_kernel_device):
-    pytest.importorskip("triton")
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         x, h = (torch.randn(2, 300, 1536, generator=g).to("cuda", dtype) for _ in range(2))

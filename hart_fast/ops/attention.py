@@ -24,6 +24,9 @@ Performance (measured; see bench/ and CUDA_CROSSOVER below):
     block-causal op) is 4-30x slower than SDPA's tensor-core kernels on an
     H200 (block-causal L = 9750, B = 2: 56 ms vs 5.2 ms for SDPA with the
     additive mask), so the fast path should keep SDPA for those on CUDA.
+  * A Triton flash-attention backend (hart_fast/ops/triton_attention.py,
+    backend="triton") targets those large stages with tensor cores; it is
+    not timed on a GPU yet, so CUDA_CROSSOVER does not route to it.
 """
 
 from __future__ import annotations
@@ -225,11 +228,8 @@ def qkv_rope_cache(
     return torch.ops.hart_fast.qkv_rope_cache(qkv, qkv_bias, cos, sin, k_cache, v_cache, start, scale_mul)
 
 
-def ms_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int, scale: float
-) -> torch.Tensor:
-    """softmax(scale * q k^T) v over keys [0, kv_len) of the caches: (B, lq, H*d)."""
-    op = "ms_attention"
+def check_ms_attention_args(op: str, q, k_cache, v_cache, kv_len, scale) -> None:
+    """The argument checks of every cached-attention implementation (C++/CUDA, Triton)."""
     _check_qkv_like(op, q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
     _check_int(op, "kv_len", kv_len)
     _check_scale(op, scale)
@@ -237,20 +237,10 @@ def ms_attention(
         raise ValueError(
             f"{op}: expected 1 <= kv_len <= S ({k_cache.shape[2]}), but got kv_len={kv_len}."
         )
-    if not use_compiled(q):
-        return ms_attention_reference(q, k_cache, v_cache, kv_len, scale)
-    return torch.ops.hart_fast.ms_attention(q, k_cache, v_cache, kv_len, float(scale))
 
 
-def ms_attention_block_causal(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, level: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Block-causal attention (a token sees its own and earlier scales): (B, L, H*d).
-
-    level must be non-decreasing (checked on CPU; on CUDA the check would
-    synchronise, so it is the caller's contract there).
-    """
-    op = "ms_attention_block_causal"
+def check_block_causal_args(op: str, q, k, v, level, scale) -> None:
+    """The argument checks of every block-causal attention implementation."""
     _check_qkv_like(op, q, k, v)
     _check_scale(op, scale)
     check_tensor(op, "level", level)
@@ -264,6 +254,27 @@ def ms_attention_block_causal(
         raise ValueError(f"{op}: expected level of shape ({L},), but got {tuple(level.shape)}.")
     if level.device.type == "cpu" and L > 1 and bool((level[1:] < level[:-1]).any()):
         raise ValueError(f"{op}: expected level to be non-decreasing (keys sorted by scale).")
+
+
+def ms_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int, scale: float
+) -> torch.Tensor:
+    """softmax(scale * q k^T) v over keys [0, kv_len) of the caches: (B, lq, H*d)."""
+    check_ms_attention_args("ms_attention", q, k_cache, v_cache, kv_len, scale)
+    if not use_compiled(q):
+        return ms_attention_reference(q, k_cache, v_cache, kv_len, scale)
+    return torch.ops.hart_fast.ms_attention(q, k_cache, v_cache, kv_len, float(scale))
+
+
+def ms_attention_block_causal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, level: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Block-causal attention (a token sees its own and earlier scales): (B, L, H*d).
+
+    level must be non-decreasing (checked on CPU; on CUDA the check would
+    synchronise, so it is the caller's contract there).
+    """
+    check_block_causal_args("ms_attention_block_causal", q, k, v, level, scale)
     if not use_compiled(q):
         return ms_attention_block_causal_reference(q, k, v, level, scale)
     return torch.ops.hart_fast.ms_attention_block_causal(q, k, v, level, float(scale))
@@ -295,7 +306,7 @@ HAS_FLASH_ATTN = _flash_attn_func is not None
 # of small batches over short caches; backend="ours" forces it anywhere.
 CUDA_CROSSOVER = ((16, 64, 1024, "ours"),)
 
-BACKENDS = ("auto", "ours", "sdpa", "flash")
+BACKENDS = ("auto", "ours", "sdpa", "flash", "triton")
 
 
 def _choose_backend(q: torch.Tensor, kv_len: int) -> str:
@@ -319,9 +330,10 @@ def attention(
     """Attention of one stage over the first kv_len cached keys, by backend.
 
     "ours": :func:`ms_attention`; "sdpa": PyTorch SDPA; "flash": flash-attn
-    (only when importable); "auto": ours on CPU, on CUDA by CUDA_CROSSOVER
-    (our kernel for lq <= 16, B*H <= 64, kv_len <= 1024; SDPA otherwise; from
-    H200 timings).
+    (only when importable); "triton": the Triton flash-attention kernel
+    (hart_fast/ops/triton_attention.py; CUDA, or the CPU interpreter);
+    "auto": ours on CPU, on CUDA by CUDA_CROSSOVER (our kernel for lq <= 16,
+    B*H <= 64, kv_len <= 1024; SDPA otherwise; from H200 timings).
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention: expected backend to be one of {BACKENDS}, but got {backend!r}.")
@@ -331,6 +343,10 @@ def attention(
         return ms_attention(q, k_cache, v_cache, kv_len, scale)
     if backend == "sdpa":
         return ms_attention_reference(q, k_cache, v_cache, kv_len, scale)
+    if backend == "triton":
+        from hart_fast.ops.triton_attention import ms_attention_triton
+
+        return ms_attention_triton(q, k_cache, v_cache, kv_len, scale)
     if _flash_attn_func is None:
         raise ValueError("attention: backend='flash' requested but flash_attn is not importable.")
     B, H, lq, d = q.shape
