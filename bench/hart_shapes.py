@@ -131,9 +131,16 @@ def ar_stage_times(pipe: HartPipeline, B: int, repeats: int = 5) -> Dict[str, fl
 
 
 def table(rows: List[Dict[str, object]]) -> str:
-    keys = list(rows[0].keys())
-    width = {k: max(len(k), *(len(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k])) for r in rows)) for k in keys}
-    fmt = lambda r, k: (f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k])).rjust(width[k])  # noqa: E731
+    """Rows as an aligned text table; columns are the union of the rows' keys (blank where absent)."""
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+
+    def cell(r, k) -> str:
+        v = r.get(k, "")
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    width = {k: max(len(k), *(len(cell(r, k)) for r in rows)) for k in keys}
     lines = [" | ".join(k.rjust(width[k]) for k in keys), "-|-".join("-" * width[k] for k in keys)]
-    lines += [" | ".join(fmt(r, k) for k in keys) for r in rows]
+    lines += [" | ".join(cell(r, k).rjust(width[k]) for k in keys) for r in rows]
     return "\n".join(lines)

@@ -70,10 +70,30 @@ def section_attention(dev, dtype, repeats):
                     ms = float("nan")
                     row[f"{name}_error"] = type(e).__name__
                 row[f"{name}_ms"] = ms
-            flops = 4 * B * H * lq * kv * d
+            flops = 4 * B * H * lq * kv * d  # of the unmasked problem
             timed = [row[f"{n}_ms"] for n in ("ours", "sdpa", "flash", "triton") if row[f"{n}_ms"] == row[f"{n}_ms"]]
             row["best_TFLOPs"] = flops / (min(timed) * 1e-3) / 1e12 if timed else float("nan")
             rows.append(row)
+    # The training-time block-causal pass over the whole 1024px sequence.
+    from hart_fast.ops.attention import block_causal_mask
+    from hart_fast.ops.triton_attention import ms_attention_block_causal_triton
+
+    sizes = [REAL_LLM["context_token"]] + [pn * pn for pn in REAL_LLM["patch_nums"][1:]]
+    level = torch.cat([torch.full((n,), i, dtype=torch.int64) for i, n in enumerate(sizes)]).to(dev)
+    L = level.numel()
+    q, k, v = (torch.randn(2, H, L, d, device=dev, dtype=dtype) for _ in range(3))
+    mask = block_causal_mask(level, dtype)
+    row = {"section": "attention", "queries": L, "keys": L, "batch(2xCFG)": 2}
+    for name, fn in (("ours", lambda: ops.ms_attention_block_causal(q, k, v, level, 0.125)),
+                     ("sdpa", lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                                                      scale=0.125)),
+                     ("triton", lambda: ms_attention_block_causal_triton(q, k, v, level, 0.125))):
+        try:
+            row[f"{name}_ms"] = median_ms(fn, dev, repeats)
+        except Exception as e:  # noqa: BLE001
+            row[f"{name}_ms"], row[f"{name}_error"] = float("nan"), type(e).__name__
+    row["flash_ms"] = float("nan")
+    rows.append(row)
     return rows
 
 
