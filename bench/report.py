@@ -11,6 +11,7 @@ Copy the printed table into BENCHMARKS.md with the card name it prints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -23,12 +24,29 @@ sys.path.insert(0, os.path.dirname(__file__))
 from hart_shapes import REAL_LLM, REAL_TOK, ar_stage_times, median_ms, random_pipeline, random_prompts, table  # noqa: E402
 
 
+@contextlib.contextmanager
+def triton_for_large_stages():
+    """The candidate policy to time: our kernel for the tiny stages as today,
+    the Triton kernel instead of SDPA for every other stage."""
+    import importlib
+
+    attn_mod = importlib.import_module("hart_fast.ops.attention")  # the module, not the re-exported function
+    saved = attn_mod.CUDA_CROSSOVER
+    inf = float("inf")
+    attn_mod.CUDA_CROSSOVER = saved + ((inf, inf, inf, "triton"),)
+    try:
+        yield
+    finally:
+        attn_mod.CUDA_CROSSOVER = saved
+
+
 def section_ar(dev, dtype, batches, repeats):
     rows = []
     for B in batches:
-        for path in ("reference", "fast"):
-            pipe = random_pipeline(REAL_LLM, REAL_TOK, dev, dtype, fast=path == "fast")
-            t = ar_stage_times(pipe, B, repeats)
+        for path in ("reference", "fast", "fast+triton"):
+            pipe = random_pipeline(REAL_LLM, REAL_TOK, dev, dtype, fast=path != "reference")
+            with triton_for_large_stages() if path == "fast+triton" else contextlib.nullcontext():
+                t = ar_stage_times(pipe, B, repeats)
             rows.append({"section": "AR transformer", "path": path, "batch": B, **t})
             pipe = None  # free its engine (static buffers, CUDA graphs); the weights are shared
             torch.cuda.empty_cache()

@@ -324,6 +324,35 @@ def test_auto_backend_choice(monkeypatch):
     inf = float("inf")
     monkeypatch.setattr(attn_mod, "CUDA_CROSSOVER", ((inf, inf, inf, "ours"),))
     assert attn_mod._choose_backend(FakeCuda((32, 24, 4096, 64)), 9750) == "ours"
+    # HART_FAST_ATTENTION overrides "auto" on every device; "auto" there means no override.
+    monkeypatch.setenv("HART_FAST_ATTENTION", "sdpa")
+    assert attn_mod._choose_backend(FakeCuda((2, 24, 16, 64)), 329) == "sdpa"
+    assert attn_mod._choose_backend(torch.empty(1, 1, 4, 16), 10) == "sdpa"
+    monkeypatch.setenv("HART_FAST_ATTENTION", "auto")
+    assert attn_mod._choose_backend(torch.empty(1, 1, 4, 16), 10) == "ours"
+    monkeypatch.setenv("HART_FAST_ATTENTION", "cudnn")
+    with pytest.raises(ValueError, match=r"HART_FAST_ATTENTION='cudnn' is not an attention backend"):
+        attn_mod._choose_backend(torch.empty(1, 1, 4, 16), 10)
+
+
+def test_env_override_reaches_the_engine(tmp_path, monkeypatch):
+    # The whole fast loop follows the override: SDPA everywhere gives the same codes.
+    from hart_fast.pipeline import HartPipeline
+
+    from tiny_models import random_prompts, write_model
+
+    d = write_model(str(tmp_path / "m"))
+    pipe = HartPipeline.from_pretrained(d, fast=True)
+    ctx, mask = random_prompts(2, pipe.config.context_token, pipe.config.context_dim, seed=1)
+    calls = []
+    real = ops.ms_attention_reference
+    import importlib
+
+    attn_mod = importlib.import_module("hart_fast.ops.attention")
+    monkeypatch.setattr(attn_mod, "ms_attention_reference", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("HART_FAST_ATTENTION", "sdpa")
+    pipe.generate(ctx, mask, seed=0, output_type="latent", residual_diffusion=False)
+    assert len(calls) == pipe.config.depth * pipe.config.num_stages
 
 
 def test_fallback_without_extension(monkeypatch):

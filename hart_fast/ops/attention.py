@@ -31,6 +31,8 @@ Performance (measured; see bench/ and CUDA_CROSSOVER below):
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -309,7 +311,17 @@ CUDA_CROSSOVER = ((16, 64, 1024, "ours"),)
 BACKENDS = ("auto", "ours", "sdpa", "flash", "triton")
 
 
+BACKEND_ENV = "HART_FAST_ATTENTION"  # overrides "auto" for every call, e.g. to time a backend end to end
+
+
 def _choose_backend(q: torch.Tensor, kv_len: int) -> str:
+    forced = os.environ.get(BACKEND_ENV, "").strip()
+    if forced and forced != "auto":
+        if forced not in BACKENDS:
+            raise ValueError(
+                f"{BACKEND_ENV}={forced!r} is not an attention backend; expected one of {', '.join(BACKENDS)}."
+            )
+        return forced
     if q.device.type != "cuda":
         return "ours"
     lq, bh = q.shape[2], q.shape[0] * q.shape[1]
@@ -333,7 +345,8 @@ def attention(
     (only when importable); "triton": the Triton flash-attention kernel
     (hart_fast/ops/triton_attention.py; CUDA, or the CPU interpreter);
     "auto": ours on CPU, on CUDA by CUDA_CROSSOVER (our kernel for lq <= 16,
-    B*H <= 64, kv_len <= 1024; SDPA otherwise; from H200 timings).
+    B*H <= 64, kv_len <= 1024; SDPA otherwise; from H200 timings), unless the
+    environment variable HART_FAST_ATTENTION names a backend for every call.
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention: expected backend to be one of {BACKENDS}, but got {backend!r}.")
