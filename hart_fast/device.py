@@ -109,4 +109,10 @@ def describe() -> List[str]:
         lines.append("flash-attn:   available (optional attention backend)")
     except ImportError:
         lines.append("flash-attn:   not installed (optional attention backend)")
+    try:
+        import triton
+
+        lines.append(f"triton:       {triton.__version__} (epilogues; attention backend 'triton' on CUDA)")
+    except ImportError:
+        lines.append("triton:       not installed (the CUDA fast path falls back to torch for its epilogues)")
     return lines

@@ -281,6 +281,9 @@ def test_device_description_and_driver_check(monkeypatch):
 
     lines = device.describe()
     assert any(line.startswith("kernels:") for line in lines) and any("torch:" in line for line in lines)
+    import triton  # installed with the README's ".[all]"
+
+    assert any(line.startswith("triton:") and triton.__version__ in line for line in lines)
     if not torch.cuda.is_available():
         assert any("none (CPU only)" in line for line in lines)
     monkeypatch.setattr(device, "driver_cuda_version", lambda: 11020)
