@@ -8,7 +8,9 @@ kernel rounds the softmax probabilities to the input dtype before P @ V, as
 flash-attention does; the measured ratio on the interpreter shapes was <= 1.34.
 
 On the CPU the kernels run under Triton's interpreter (fp32 / fp16 only, small
-shapes: it is slow); on a GPU the CUDA tests cover HART's real stage shapes.
+shapes: it is slow), and are compiled ahead of time for sm_90 to check that they
+lower for Hopper with wgmma tensor-core instructions (and, for the epilogue,
+without FMA contraction); on a GPU the CUDA tests cover HART's real stage shapes.
 """
 
 from __future__ import annotations
@@ -129,3 +131,54 @@ def test_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+# ---------------------------------------------------------------------------
+# Without a GPU: the kernels compile for Hopper, with tensor-core instructions
+# ---------------------------------------------------------------------------
+def _compile_for_sm90(fn, signature, constexprs, num_warps, **options):
+    """Ahead-of-time compile of a @triton.jit function for sm_90 (no device needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": 3, **options})
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("block_causal", [False, True], ids=["cached", "block_causal"])
+def test_compiles_for_hopper_with_wgmma(dtype, block_causal):
+    # Checks in CI what only a GPU session could otherwise show: the kernel lowers
+    # for sm_90 (ptxas included) and its products use Hopper's wgmma tensor-core
+    # instructions rather than a SIMT fallback.
+    import hart_fast.ops.triton_attention as ta
+
+    ptr = "*" + dtype
+    sig = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "KvEnd": "*i32", "qk_scale": "fp32", "kv_len": "i32",
+           "lq": "i32", "H": "i32"}
+    sig.update({name: "i64" for name in ("sq_b", "sq_h", "sq_m", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
+                                         "so_b", "so_m")})
+    block_m, block_n, warps, _ = ta._launch_config(4096, 64, torch.float16)
+    compiled = _compile_for_sm90(ta._build_kernel(), sig, {"HEAD_D": 64, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                                                           "BLOCK_CAUSAL": block_causal, "IEEE": False}, warps)
+    assert "wgmma" in compiled.asm["ptx"]
+    assert len(compiled.asm["cubin"]) > 0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_gated_residual_compiles_for_hopper(dtype):
+    import hart_fast.ops.triton_epilogues as te
+
+    ptr = "*" + dtype
+    sig = {"x_ptr": ptr, "g_ptr": ptr, "h_ptr": ptr, "out_ptr": ptr, "n_cols": "i32", "g_div": "i32",
+           "sx": "i64", "sg": "i64", "sh": "i64", "so": "i64"}
+    # As launched: no FMA contraction, so `x + round(gate * h)` keeps torch's two
+    # roundings (Triton turns them into a correctly rounded multiply and add in the
+    # storage type, which equal torch's fp32 compute-then-round: fp32 has the
+    # 2p + 2 bits that make that double rounding innocuous for fp16 and bf16).
+    ptx = _compile_for_sm90(te._build_kernel(), sig, {"BLOCK": 1024}, 4, enable_fp_fusion=False).asm["ptx"]
+    assert "fma.rn" not in ptx and "mul.rn" in ptx and "add.rn" in ptx
+    fused = _compile_for_sm90(te._build_kernel(), sig, {"BLOCK": 1024}, 4).asm["ptx"]
+    assert "fma.rn" in fused  # what the default would have done
