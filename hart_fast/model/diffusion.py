@@ -214,6 +214,29 @@ def iddpm_step(x, eps, var_values, sched: RespacedSchedule, s: int, noise, tempe
 NoiseFn = Callable[[Sequence[int]], torch.Tensor]
 
 
+def gaussian_noise_fn(device) -> NoiseFn:
+    """The default noise_fn: fresh float32 standard normal draws on `device`."""
+    return lambda shape: torch.randn(*shape, device=device, dtype=torch.float32)
+
+
+def initial_noise(N: int, C: int, guided: bool, x_init_NC: Optional[torch.Tensor], noise_fn: NoiseFn,
+                  device) -> torch.Tensor:
+    """The sampler's starting x (N, C) float32, drawn as the official code draws it.
+
+    Guided: one (N, C) draw (the official code duplicates it for the other half);
+    unguided: a (2N, C) draw of which the first N rows are used; x_init_NC, when
+    given, replaces the draw (nothing is drawn). Shared by the reference and the
+    fast sampler so both consume the noise stream identically.
+    """
+    if x_init_NC is not None:
+        x = x_init_NC
+    elif guided:
+        x = noise_fn((N, C))
+    else:
+        x = noise_fn((2 * N, C))[:N]
+    return x.to(device=device, dtype=torch.float32)
+
+
 def sample_residual(
     net: SimpleMLPAdaLN,
     z_2NZ: torch.Tensor,
@@ -239,17 +262,10 @@ def sample_residual(
     N = N2 // 2
     C = net.in_channels
     guided = not cfg == 1.0
-    if noise_fn is None:
-        noise_fn = lambda shape: torch.randn(*shape, device=z_2NZ.device, dtype=torch.float32)  # noqa: E731
-    if x_init_NC is not None:
-        x = x_init_NC.to(device=z_2NZ.device, dtype=torch.float32)
-    elif guided:
-        x = noise_fn((N, C))
-    else:
-        x = noise_fn((N2, C))[:N]
-    # x and the update stay in float32 whatever the MLP's dtype (a no-op in float32).
-    x = x.float()
     dev, dt = z_2NZ.device, net.input_proj.weight.dtype
+    noise_fn = noise_fn or gaussian_noise_fn(dev)
+    # x and the update stay in float32 whatever the MLP's dtype.
+    x = initial_noise(N, C, guided, x_init_NC, noise_fn, dev)
     for s in reversed(range(sched.num_steps)):
         t_orig = sched.timestep_map[s]
         if guided:
@@ -276,5 +292,7 @@ __all__ = [
     "cosine_betas",
     "iddpm_step",
     "sample_residual",
+    "initial_noise",
+    "gaussian_noise_fn",
     "timestep_embedding",
 ]

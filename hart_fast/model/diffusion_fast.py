@@ -28,7 +28,14 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from hart_fast.model.diffusion import VAE_SCALE, NoiseFn, RespacedSchedule, SimpleMLPAdaLN
+from hart_fast.model.diffusion import (
+    VAE_SCALE,
+    NoiseFn,
+    RespacedSchedule,
+    SimpleMLPAdaLN,
+    gaussian_noise_fn,
+    initial_noise,
+)
 from hart_fast.ops import add_layer_norm_modulate, iddpm_step_fused, layer_norm_modulate, schedule_scalars
 
 _LN_EPS = 1e-6
@@ -97,17 +104,6 @@ def mlp_forward_fast(net: SimpleMLPAdaLN, ada: _AdaCache, x_in: torch.Tensor, t_
     return net.final_layer.linear(xf)
 
 
-def _draw_noise(N: int, N2: int, C: int, guided: bool, x_init_NC, noise_fn, device):
-    """Initial x, drawn exactly as the reference draws it (before the step noise)."""
-    if x_init_NC is not None:
-        x = x_init_NC.to(device=device, dtype=torch.float32)
-    elif guided:
-        x = noise_fn((N, C))
-    else:
-        x = noise_fn((N2, C))[:N]
-    return x.to(device=device, dtype=torch.float32)
-
-
 def _time_rows(net, sched, device) -> List[torch.Tensor]:
     """(1, W) time embedding of every step, in loop order (s = S-1 .. 0)."""
     return [_time_row(net, sched.timestep_map[s], device) for s in reversed(range(sched.num_steps))]
@@ -137,10 +133,9 @@ def sample_residual_fast(
     C = net.in_channels
     guided = not cfg == 1.0
     dev, dt = z_2NZ.device, net.input_proj.weight.dtype
-    if noise_fn is None:
-        noise_fn = lambda shape: torch.randn(*shape, device=dev, dtype=torch.float32)  # noqa: E731
+    noise_fn = noise_fn or gaussian_noise_fn(dev)
     with torch.no_grad():
-        x = _draw_noise(N, N2, C, guided, x_init_NC, noise_fn, dev)
+        x = initial_noise(N, C, guided, x_init_NC, noise_fn, dev)
         # Per-step noise in the official order (one (2N, C) draw per step, first half used).
         noises = [noise_fn((N2, C))[:N].to(dev, torch.float32) for _ in range(sched.num_steps)]
         ada = _ada_cache(net)
