@@ -15,25 +15,22 @@ fast path vs reference.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
 import pytest
 import torch
 
-import hart_fast.ops as ops
 from hart_fast.config import TokenizerConfig
 from hart_fast.model.diffusion import RespacedSchedule, SimpleMLPAdaLN, sample_residual
 from hart_fast.model.diffusion_fast import sample_residual_fast
 from hart_fast.model.tokenizer import HartTokenizer, Quantizer
 from hart_fast.ops import next_scale_input_fast
 
-NO_CUDA = "no CUDA device on this machine (CUDA benchmarks run on the GPU device machine)"
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA))]
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_common import CUDA, DEVICES, check_impl, timed  # noqa: E402
+
 HART_PN = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 class _Tok(torch.nn.Module):
@@ -53,8 +50,7 @@ def _tokenizer(device):
 @pytest.mark.parametrize("impl", ["fast", "reference"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_bench_vq_glue_13_stages(benchmark, impl, device):
-    if impl == "fast" and not ops.HAS_EXTENSION:
-        pytest.skip("hart_fast._C is not built")
+    check_impl("kernel" if impl == "fast" else impl, device)
     tok = _tokenizer(device)
     g = torch.Generator().manual_seed(0)
     hs = [torch.randn(1, 32, pn, pn, generator=g).to(device) for pn in HART_PN[:-1]]
@@ -65,17 +61,18 @@ def test_bench_vq_glue_13_stages(benchmark, impl, device):
         with torch.no_grad():
             for si, h in enumerate(hs):
                 f_hat, nxt = fn(tok, si, HART_PN, f_hat, h)
-        _sync(device)
         return f_hat
 
-    benchmark.pedantic(run, rounds=10 if device == "cpu" else 50, warmup_rounds=2, iterations=1)
+    timed(benchmark, device, run, rounds=10 if device == "cpu" else 50)
 
 
-@pytest.mark.parametrize("impl", ["fast", "fast_graph", "reference"])
-@pytest.mark.parametrize("device", DEVICES)
+# The CUDA-graph variant exists only on CUDA: not generated for the CPU.
+SAMPLER_CASES = [pytest.param("cpu", impl, id=f"cpu-{impl}") for impl in ("fast", "reference")] + [
+    pytest.param("cuda", impl, id=f"cuda-{impl}", marks=CUDA) for impl in ("fast", "fast_graph", "reference")]
+
+
+@pytest.mark.parametrize("device,impl", SAMPLER_CASES)
 def test_bench_sample_residual(benchmark, impl, device):
-    if impl == "fast_graph" and device != "cuda":
-        pytest.skip("CUDA graphs need a CUDA device")
     torch.manual_seed(0)
     net = SimpleMLPAdaLN(32, 1024, 1536, 6).to(device).eval()
     N = 1024 if device == "cpu" else 4096
@@ -90,9 +87,7 @@ def test_bench_sample_residual(benchmark, impl, device):
             else:
                 out = sample_residual_fast(net, z, 4.5, sched, temperature=1.0, x_init_NC=x0,
                                            cuda_graph=impl == "fast_graph")
-        _sync(device)
         return out
 
     # CPU: one round without warm-up (each reference run takes ~10 s at N = 1024).
-    benchmark.pedantic(run, rounds=1 if device == "cpu" else 10, warmup_rounds=0 if device == "cpu" else 2,
-                       iterations=1)
+    timed(benchmark, device, run, rounds=1 if device == "cpu" else 10, warmup_rounds=0 if device == "cpu" else 2)

@@ -211,7 +211,7 @@ def _compare_sampler(net, z, cfg, N, C, noise_rows=None):
 @pytest.mark.parametrize("cfg", [4.5, 1.0])
 def test_sampler_tiny_conformance_model(cfg):
     if not os.path.isdir(REF_DIR):
-        pytest.skip(f"conformance data not found at {REF_DIR}")
+        pytest.fail(f"conformance data not found at {REF_DIR}; set HART_FAST_REFERENCE_DIR")
     from safetensors.torch import load_file
 
     from hart_fast.pipeline import HartPipeline
@@ -225,7 +225,7 @@ def test_sampler_tiny_conformance_model(cfg):
 def test_sampler_tiny_matches_recorded_output():
     """The recorded official residual (guidance 4.5 at the last stage, seed-2000 stream)."""
     if not os.path.isdir(REF_DIR):
-        pytest.skip(f"conformance data not found at {REF_DIR}")
+        pytest.fail(f"conformance data not found at {REF_DIR}; set HART_FAST_REFERENCE_DIR")
     from safetensors.torch import load_file
 
     from hart_fast.pipeline import HartPipeline

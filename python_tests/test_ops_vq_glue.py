@@ -184,7 +184,7 @@ def tiny_pipe():
     import os
 
     if not os.path.isdir(REF_DIR):
-        pytest.skip(f"conformance data not found at {REF_DIR}")
+        pytest.fail(f"conformance data not found at {REF_DIR}; set HART_FAST_REFERENCE_DIR")
     from hart_fast.pipeline import HartPipeline
 
     return HartPipeline.from_pretrained(REF_DIR)
