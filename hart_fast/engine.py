@@ -171,7 +171,7 @@ class FastEngine:
         dev, dt = pipe.device, pipe.dtype
         B, T, _ = prompt_embeds.shape
         S, P, Cvae = cfg.num_stages, cfg.patch_nums[-1], tok.Cvae
-        codebook = tok.quantize.embedding.weight
+        codebook_f = tok.quantize.embedding.weight.float()  # (V, Cvae), once per call, not per stage
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         generator = torch.Generator(device=dev).manual_seed(seed)
@@ -212,7 +212,7 @@ class FastEngine:
                 idx_Bl = pipe._sample_codes(si, logits, top_k, top_p, token_sampler, generator)
             if trace is not None:
                 trace[f"stage{si:02d}/idx"] = idx_Bl.clone()
-            h_BlC = gumbel_mix(logits, ratio, codebook.float(), generator) if more_smooth else codebook[idx_Bl].float()
+            h_BlC = gumbel_mix(logits, ratio, codebook_f, generator) if more_smooth else codebook_f[idx_Bl]
             if not last:
                 f_hat, x_next = next_stage_input(pipe, si, h_BlC, f_hat, lvl_pos, trace, next_scale_input_fast)
                 st.x[si + 1][:B].copy_(x_next)  # both CFG halves, into the static buffer
