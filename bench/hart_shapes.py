@@ -130,6 +130,60 @@ def ar_stage_times(pipe: HartPipeline, B: int, repeats: int = 5) -> Dict[str, fl
     }
 
 
+def stage_times(pipe: HartPipeline, B: int, repeats: int = 5) -> List[Dict[str, float]]:
+    """Per-stage transformer-pass time (ms, median) on the fast path: the
+    CUDA-graph replay (what generation runs) and the same pass launched eagerly
+    (the difference is launch overhead), with the achieved TFLOP/s of the replay."""
+    if not pipe.fast:
+        raise ValueError("stage_times times the fast engine; build the pipeline with fast=True")
+    ctx, mask = random_prompts(pipe, B)
+    pipe.generate(ctx, mask, residual_diffusion=False, output_type="latent", seed=0)  # fills buffers, graphs
+    from floors import ar_stage_flops
+
+    eng = pipe.engine
+    st = eng.state(2 * B)
+    rows = []
+    for w in ar_stage_flops(pipe.transformer, B):
+        si = w["stage"]
+        with torch.inference_mode():
+            replay = median_ms(lambda: eng._run_stage(st, si), pipe.device, repeats)
+            eager = median_ms(lambda: eng._stage_forward(st, si), pipe.device, repeats)
+        flop = (w["linear_GFLOP"] + w["attention_GFLOP"]) * 1e9
+        rows.append({**w, "replay_ms": replay, "eager_ms": eager, "TFLOPs": flop / (replay * 1e-3) / 1e12})
+    return rows
+
+
+def kernel_profile(fn: Callable[[], object], device, top: int = 12) -> List[Dict[str, object]]:
+    """The `top` kernels (CUDA) or ops (CPU) of one run of fn by self time,
+    with their share of the total; the last row is the total.  fn runs once
+    before the profiled run (allocations, lazy initialisation)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    fn()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+
+    def self_us(e) -> float:
+        if cuda:
+            return float(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0))
+        return float(e.self_cpu_time_total)
+
+    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    if cuda:  # kernels and copies only (their CPU-side launch ops have no device self time)
+        events = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")] or events
+    total = sum(self_us(e) for e in events)
+    events.sort(key=self_us, reverse=True)
+    rows = [{"kernel": e.key[:72], "calls": e.count, "ms": self_us(e) / 1e3,
+             "share_%": 100.0 * self_us(e) / total if total else 0.0} for e in events[:top]]
+    rows.append({"kernel": f"total ({len(events)} distinct)", "calls": sum(e.count for e in events),
+                 "ms": total / 1e3, "share_%": 100.0})
+    return rows
+
+
 def table(rows: List[Dict[str, object]]) -> str:
     """Rows as an aligned text table; columns are the union of the rows' keys (blank where absent)."""
     keys: List[str] = []

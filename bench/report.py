@@ -1,6 +1,7 @@
 """One-shot benchmark report for a GPU session: prints a table, writes JSON.
 
     python bench/report.py --out $OUT/report.json [--quick]
+    python bench/report.py --device cpu --small --quick   # smoke test of every section, no GPU
 
 Every figure is the median of repeats (default 5) with device synchronisation,
 random weights at the real HART 0.7B / 1024px shapes, fp16 unless stated. Each
@@ -21,7 +22,29 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hart_shapes import REAL_LLM, REAL_TOK, ar_stage_times, median_ms, random_pipeline, random_prompts, table  # noqa: E402
+from hart_shapes import (  # noqa: E402
+    REAL_LLM, REAL_TOK, SMALL_LLM, SMALL_TOK, ar_stage_times, kernel_profile, median_ms, random_pipeline,
+    random_prompts, stage_times, table,
+)
+
+# The configuration every section runs at: the real 0.7B / 1024px shapes, or
+# with --small the CPU-sized stand-in (a smoke test of the report itself, so a
+# broken section is found before it costs device time).
+LLM, TOK = REAL_LLM, REAL_TOK
+
+
+def _free():
+    if torch.cuda.is_available():
+        _free()
+
+
+def _last_tokens() -> int:
+    return LLM["patch_nums"][-1] ** 2
+
+
+def _latent(B: int, dev, dtype) -> torch.Tensor:
+    P = TOK["v_patch_nums"][-1]
+    return torch.randn(B, TOK["z_channels"], P, P, device=dev, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -44,12 +67,57 @@ def section_ar(dev, dtype, batches, repeats):
     rows = []
     for B in batches:
         for path in ("reference", "fast", "fast+triton"):
-            pipe = random_pipeline(REAL_LLM, REAL_TOK, dev, dtype, fast=path != "reference")
+            pipe = random_pipeline(LLM, TOK, dev, dtype, fast=path != "reference")
             with triton_for_large_stages() if path == "fast+triton" else contextlib.nullcontext():
                 t = ar_stage_times(pipe, B, repeats)
             rows.append({"section": "AR transformer", "path": path, "batch": B, **t})
             pipe = None  # free its engine (static buffers, CUDA graphs); the weights are shared
-            torch.cuda.empty_cache()
+            _free()
+    return rows
+
+
+def section_stages(dev, dtype, batches, repeats):
+    """Every stage's transformer pass on the fast path: graph replay vs eager
+    launch, counted GFLOP and achieved TFLOP/s (where the AR time goes)."""
+    rows = []
+    for B in batches:
+        pipe = random_pipeline(LLM, TOK, dev, dtype, fast=True)
+        rows += [{"section": "AR stage", "batch": B, **r} for r in stage_times(pipe, B, repeats)]
+        pipe = None  # free its engine (static buffers, CUDA graphs)
+        _free()
+    return rows
+
+
+def section_profile(dev, dtype):
+    """Top kernels by device time of one eager run of: a small AR stage, the
+    stage before the last, the last stage (fast path, batch 1), the fast
+    residual diffusion and the fast VAE decode (NCHW and channels_last)."""
+    from hart_fast.model.diffusion import RespacedSchedule
+    from hart_fast.model.diffusion_fast import sample_residual_fast
+    from hart_fast.model.vae_fast import fhat_to_img_fast
+
+    pipe = random_pipeline(LLM, TOK, dev, dtype, fast=True)
+    ctx, mask = random_prompts(pipe, 1)
+    pipe.generate(ctx, mask, residual_diffusion=False, output_type="latent", seed=0)  # fills the static state
+    eng, S = pipe.engine, pipe.config.num_stages
+    st = eng.state(2)
+    net, tok, sched = pipe.transformer.diffloss.net, pipe.tokenizer, RespacedSchedule.build("8")
+    z = torch.randn(2 * _last_tokens(), LLM["embed_dim"], device=dev, dtype=dtype)
+    f = _latent(1, dev, dtype)
+    noise = lambda shape: torch.randn(*shape, device=dev)  # noqa: E731
+    torch.backends.cudnn.benchmark = True
+    runs = (
+        ("AR stage 5 (49 tokens)", lambda: eng._stage_forward(st, 5)),
+        (f"AR stage {S - 2} (before the last)", lambda: eng._stage_forward(st, S - 2)),
+        (f"AR stage {S - 1} (last)", lambda: eng._stage_forward(st, S - 1)),
+        ("residual diffusion", lambda: sample_residual_fast(net, z, 3.6, sched, 1.0, None, noise)),
+        ("VAE decode NCHW", lambda: fhat_to_img_fast(tok, f)),
+        ("VAE decode channels_last", lambda: fhat_to_img_fast(tok, f, channels_last=True)),
+    )
+    rows = []
+    with torch.inference_mode():
+        for what, fn in runs:
+            rows += [{"section": "profile, batch 1", "what": what, **r} for r in kernel_profile(fn, dev, top=8)]
     return rows
 
 
@@ -57,12 +125,12 @@ def section_end_to_end(dev, dtype, batches, repeats):
     rows = []
     for B in batches:
         for path in ("reference", "fast"):
-            pipe = random_pipeline(REAL_LLM, REAL_TOK, dev, dtype, fast=path == "fast")
+            pipe = random_pipeline(LLM, TOK, dev, dtype, fast=path == "fast")
             ctx, mask = random_prompts(pipe, B)
             ms = median_ms(lambda: pipe.generate(ctx, mask, seed=0), dev, repeats)
             rows.append({"section": "end-to-end", "path": path, "batch": B, "ms": ms, "ms_per_image": ms / B})
             pipe = None  # free its engine (static buffers, CUDA graphs); the weights are shared
-            torch.cuda.empty_cache()
+            _free()
     return rows
 
 
@@ -70,9 +138,9 @@ def section_attention(dev, dtype, repeats):
     from hart_fast import ops
 
     rows = []
-    H, d = 24, 64
-    kv = 300
-    for pn in REAL_LLM["patch_nums"][1:]:
+    H, d = LLM["num_heads"], LLM["embed_dim"] // LLM["num_heads"]
+    kv = LLM["context_token"]
+    for pn in LLM["patch_nums"][1:]:
         lq = pn * pn
         kv += lq
         for B in (2, 16):
@@ -96,7 +164,7 @@ def section_attention(dev, dtype, repeats):
     from hart_fast.ops.attention import block_causal_mask
     from hart_fast.ops.triton_attention import ms_attention_block_causal_triton
 
-    sizes = [REAL_LLM["context_token"]] + [pn * pn for pn in REAL_LLM["patch_nums"][1:]]
+    sizes = [LLM["context_token"]] + [pn * pn for pn in LLM["patch_nums"][1:]]
     level = torch.cat([torch.full((n,), i, dtype=torch.int64) for i, n in enumerate(sizes)]).to(dev)
     L = level.numel()
     q, k, v = (torch.randn(2, H, L, d, device=dev, dtype=dtype) for _ in range(3))
@@ -123,12 +191,12 @@ def section_diffusion(dev, dtype, batches, repeats):
     except ImportError:
         sample_residual_fast = None
     rows = []
-    pipe = random_pipeline(REAL_LLM, REAL_TOK, dev, dtype, fast=False)
+    pipe = random_pipeline(LLM, TOK, dev, dtype, fast=False)
     net = pipe.transformer.diffloss.net
     sched = RespacedSchedule.build("8")
     for B in batches:
-        N = B * 64 * 64
-        z = torch.randn(2 * N, 1536, device=dev, dtype=dtype)
+        N = B * _last_tokens()
+        z = torch.randn(2 * N, LLM["embed_dim"], device=dev, dtype=dtype)
         noise = lambda shape: torch.randn(*shape, device=dev)  # noqa: E731
         with torch.inference_mode():
             ref = median_ms(lambda: sample_residual(net, z, 3.6, sched, noise_fn=noise), dev, repeats)
@@ -148,11 +216,11 @@ def section_vae(dev, dtype, batches, repeats):
     except ImportError:
         fhat_to_img_fast = None
     rows = []
-    pipe = random_pipeline(REAL_LLM, REAL_TOK, dev, dtype, fast=False)
+    pipe = random_pipeline(LLM, TOK, dev, dtype, fast=False)
     tok = pipe.tokenizer
     torch.backends.cudnn.benchmark = True
     for B in batches:
-        f = torch.randn(B, 32, 64, 64, device=dev, dtype=dtype)
+        f = _latent(B, dev, dtype)
         with torch.inference_mode():
             row = {"section": "VAE decode", "batch": B,
                    "reference_ms": median_ms(lambda: tok.fhat_to_img(f), dev, repeats)}
@@ -171,10 +239,11 @@ def section_norm(dev, dtype, repeats):
 
     rows = []
     for B in (1, 8):
-        x = torch.randn(2 * B, 4096, 1536, device=dev, dtype=dtype)
+        C = LLM["embed_dim"]
+        x = torch.randn(2 * B, _last_tokens(), C, device=dev, dtype=dtype)
         branch = torch.randn_like(x)
-        w = torch.randn(1536, device=dev)
-        gate, scale, shift = (0.1 * torch.randn(2 * B, 1, 1536, device=dev, dtype=dtype) for _ in range(3))
+        w = torch.randn(C, device=dev)
+        gate, scale, shift = (0.1 * torch.randn(2 * B, 1, C, device=dev, dtype=dtype) for _ in range(3))
 
         def unfused():
             s = x + branch * gate
@@ -195,26 +264,27 @@ def section_vq_glue(dev, dtype, repeats):
         from hart_fast.ops.vq_glue import next_scale_input_fast
     except ImportError:
         next_scale_input_fast = None
-    pipe = random_pipeline(REAL_LLM, REAL_TOK, dev, dtype, fast=False)
-    tok, pns = pipe.tokenizer, REAL_LLM["patch_nums"]
+    pipe = random_pipeline(LLM, TOK, dev, dtype, fast=False)
+    tok, pns = pipe.tokenizer, LLM["patch_nums"]
 
     def run(fn):
-        f_hat = torch.zeros(1, 32, 64, 64, device=dev)
+        f_hat = torch.zeros_like(_latent(1, dev, torch.float32))
         for si, pn in enumerate(pns[:-1]):
-            h = torch.randn(1, 32, pn, pn, device=dev, dtype=dtype)
+            h = torch.randn(1, TOK["z_channels"], pn, pn, device=dev, dtype=dtype)
             f_hat, _ = fn(tok, si, pns, f_hat, h)
 
     with torch.inference_mode():
-        row = {"section": "VQ glue (13 stages)", "batch": 1,
+        row = {"section": f"VQ glue ({len(pns) - 1} stages)", "batch": 1,
                "reference_ms": median_ms(lambda: run(lambda t, *a: t.next_scale_input(*a)), dev, repeats)}
         if next_scale_input_fast is not None:
             row["fast_ms"] = median_ms(lambda: run(next_scale_input_fast), dev, repeats)
     return [row]
 
 
-# Sections in priority order: the issues' targets first (AR, diffusion, VAE,
-# VQ glue), then end to end, then the kernel-level comparisons.
-SECTION_ORDER = "ar,diffusion,vae,vq,e2e,norm,attention"
+# Sections in priority order: the issues' targets first (AR, with its per-stage
+# split and a kernel profile of each piece, diffusion, VAE, VQ glue), then end
+# to end, then the kernel-level comparisons.
+SECTION_ORDER = "ar,stages,profile,diffusion,vae,vq,e2e,norm,attention"
 
 
 def main(argv=None):
@@ -225,26 +295,39 @@ def main(argv=None):
     p.add_argument("--sections", default=SECTION_ORDER)
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new section after this many seconds (device time is scarce)")
+    p.add_argument("--small", action="store_true",
+                   help="the CPU-sized stand-in configuration instead of the real shapes (smoke test)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cpu only makes sense with --small: it checks the report runs, it measures nothing useful")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("report.py needs a CUDA device", file=sys.stderr)
+    global LLM, TOK
+    LLM, TOK = (SMALL_LLM, SMALL_TOK) if args.small else (REAL_LLM, REAL_TOK)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("report.py needs a CUDA device (or --device cpu --small for a smoke test)", file=sys.stderr)
         return 2
     t_start = time.monotonic()
-    dev, dtype = "cuda", torch.float16
+    dev = args.device
+    dtype = torch.float16 if dev == "cuda" else torch.float32
     batches = [1] if args.quick else [1, 8]
     repeats = 3 if args.quick else args.repeats
-    card = torch.cuda.get_device_name()
-    print(f"# card: {card}, torch {torch.__version__}, dtype fp16, median of {repeats}")
+    card = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    dt_name = str(dtype).replace("torch.", "")
+    print(f"# card: {card}, torch {torch.__version__}, dtype {dt_name}, median of {repeats}"
+          f"{', SMALL stand-in shapes' if args.small else ''}")
     sections = {
         "attention": lambda: section_attention(dev, dtype, repeats),
         "norm": lambda: section_norm(dev, dtype, repeats),
         "ar": lambda: section_ar(dev, dtype, batches, repeats),
+        "stages": lambda: section_stages(dev, dtype, batches, repeats),
+        "profile": lambda: section_profile(dev, dtype),
         "diffusion": lambda: section_diffusion(dev, dtype, batches, repeats),
         "vae": lambda: section_vae(dev, dtype, batches, repeats),
         "vq": lambda: section_vq_glue(dev, dtype, repeats),
         "e2e": lambda: section_end_to_end(dev, dtype, batches, repeats),
     }
-    report = {"card": card, "torch": torch.__version__, "dtype": "fp16", "repeats": repeats, "sections": {}}
+    report = {"card": card, "torch": torch.__version__, "dtype": dt_name, "repeats": repeats, "small": args.small,
+              "sections": {}}
+    failed = []
     for name in args.sections.split(","):
         elapsed = time.monotonic() - t_start
         if args.budget_s is not None and elapsed > args.budget_s:
@@ -257,12 +340,15 @@ def main(argv=None):
                 print(f"\n## {name} ({time.monotonic() - t_start - elapsed:.0f} s)\n" + table(rows), flush=True)
             except Exception:
                 report["sections"][name] = {"error": traceback.format_exc()}
+                failed.append(name)
                 print(f"\n## {name}: FAILED\n{traceback.format_exc()}", flush=True)
-            torch.cuda.empty_cache()
+            _free()
         if args.out:  # after every section, so a run cut short still leaves its figures
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1, default=str)
-    return 0
+    if failed:
+        print(f"\nfailed sections: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
