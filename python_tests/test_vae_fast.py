@@ -70,6 +70,31 @@ def test_fast_decoder_shares_parameters():
         FastDecoder(torch.nn.Conv2d(3, 3, 1))
 
 
+@pytest.mark.parametrize("deterministic", ["none", "cudnn", "torch"])
+@pytest.mark.parametrize("caller_benchmark", [False, True])
+def test_decode_autotunes_cudnn_unless_deterministic(monkeypatch, deterministic, caller_benchmark):
+    """cuDNN benchmark mode is on while the decoder's convolutions run, off when
+    the caller asked for deterministic kernels, and the caller's flag is restored."""
+    cudnn = torch.backends.cudnn
+    monkeypatch.setattr(cudnn, "benchmark", caller_benchmark)
+    monkeypatch.setattr(cudnn, "deterministic", deterministic == "cudnn")
+    if deterministic == "torch":
+        saved = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+    d = small_decoder()
+    seen = []
+    d.conv_in.register_forward_pre_hook(lambda m, a: seen.append(cudnn.benchmark))
+    d.up[0].block[0].conv2.register_forward_pre_hook(lambda m, a: seen.append(cudnn.benchmark))
+    try:
+        FastDecoder(d)(torch.randn(1, 32, 4, 4))
+    finally:
+        if deterministic == "torch":
+            torch.use_deterministic_algorithms(saved)
+    expected = caller_benchmark if deterministic != "none" else True
+    assert seen == [expected, expected]
+    assert cudnn.benchmark is caller_benchmark
+
+
 @pytest.fixture(scope="module")
 def conformance():
     if not os.path.isdir(REF):
