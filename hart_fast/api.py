@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from hart_fast.demo import DEMO_DIR, DEMO_NAME
-from hart_fast.pipeline import HartPipeline, parse_dtype, to_pil
+from hart_fast.pipeline import HartPipeline, is_out_of_memory, parse_dtype, to_pil
 from hart_fast.text_encoder import as_text_encoder
 
 log = logging.getLogger("hart_fast")
@@ -144,8 +144,6 @@ def batches(items: Sequence, batch_size: int) -> Iterator[Tuple[int, Sequence]]:
         yield i // batch_size, items[i:i + batch_size]
 
 
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 @dataclass
@@ -210,7 +208,7 @@ def iter_generate(
                 diffusion_temperature=settings.diffusion_temperature, output_type="pt",
             )
         except (RuntimeError, torch.OutOfMemoryError) as e:
-            if _is_oom(e):
+            if is_out_of_memory(e):
                 raise RuntimeError(
                     f"out of memory generating a batch of {len(job)} images on {pipe.device}; "
                     f"try a smaller batch size (for example --batch-size {max(1, len(job) // 2)})"

@@ -16,6 +16,13 @@ What changes against `HartPipeline._run` (the reference), and why:
   CUDA graph per batch size and replayed: the small stages are launch-bound.
   Sampling, the VQ glue and the residual diffusion run between the replays, with
   no host synchronisation anywhere in the loop.
+- Memory: the static state of a batch size is large at the real shape (the KV
+  cache alone is 2.9 GB at batch 1 in fp16, 23 GB at batch 8).  On CUDA the
+  states of every batch size seen are kept (their graphs are worth keeping)
+  until an allocation runs out of memory: then the others are freed and the
+  allocation retried (`state`, and `HartPipeline.generate` around a whole run or
+  decode).  On the CPU, where there are no graphs and allocation is cheap, only
+  the most recent batch size's state is kept.  `release` frees them on request.
 
 Everything else (CFG ramp, top-k schedule, Gumbel smoothing, the residual
 diffusion) is shared with the reference so the two paths differ only in
@@ -25,13 +32,14 @@ floating-point association (tests compare them).
 from __future__ import annotations
 
 import functools
+import gc
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from hart_fast import ops
-from hart_fast.model.diffusion_fast import sample_residual_fast
+from hart_fast.model.diffusion_fast import release_graph, sample_residual_fast
 from hart_fast.ops.triton_epilogues import gated_residual
 from hart_fast.ops.vq_glue import next_scale_input_fast
 from hart_fast.model.transformer import AdaLNSelfAttn, FFN, HartTransformer, LlamaMLP
@@ -94,6 +102,9 @@ class FastEngine:
         self.states: Dict[int, StageState] = {}
         on_cuda = pipe.device.type == "cuda"
         self.use_cuda_graphs = on_cuda if use_cuda_graphs is None else (use_cuda_graphs and on_cuda)
+        # Keep the state of every batch size seen (worth it for their graphs), or
+        # only the latest one (see the module docstring).
+        self.keep_all_states = self.use_cuda_graphs
 
     # -- one transformer pass over a stage ---------------------------------------
     def _block(self, bw: _BlockWeights, x, pending, mod, cos, sin, st: StageState, layer: int, start: int,
@@ -141,11 +152,40 @@ class FastEngine:
         st.graphs[si].replay()
         return st.out[si]
 
-    # -- the loop ---------------------------------------------------------------
+    # -- static state per batch size ---------------------------------------------
     def state(self, B2: int) -> StageState:
-        if B2 not in self.states:
-            self.states[B2] = StageState(self.tr, B2, self.pipe.device, self.pipe.dtype)
-        return self.states[B2]
+        """The static state for B2 rows (CFG-doubled batch), built on first use."""
+        st = self.states.pop(B2, None)
+        if st is None:
+            if not self.keep_all_states:
+                self.states.clear()
+            try:
+                st = StageState(self.tr, B2, self.pipe.device, self.pipe.dtype)
+            except torch.OutOfMemoryError:
+                if not self.release():
+                    raise
+                # Other batch sizes' buffers and graphs are freed: once more.
+                st = StageState(self.tr, B2, self.pipe.device, self.pipe.dtype)
+        self.states[B2] = st  # insertion order = least recently used first
+        return st
+
+    def release(self, keep: Optional[int] = None) -> bool:
+        """Free the static state (KV cache, stage buffers, CUDA graphs and their
+        memory pools) of every batch size except ``keep`` (CFG-doubled rows), and,
+        when nothing is kept, the residual diffusion's captured graph.  Returns
+        whether anything was freed; later calls rebuild what they need."""
+        dropped = [b for b in self.states if b != keep]
+        for b in dropped:
+            del self.states[b]
+        freed = bool(dropped)
+        if keep is None:
+            freed = release_graph(self.tr.diffloss.net) or freed
+        if freed and self.pipe.device.type == "cuda":
+            gc.collect()  # graphs and their pools go with the last reference
+            torch.cuda.empty_cache()
+        return freed
+
+    # -- the loop ---------------------------------------------------------------
 
     @staticmethod
     def _set_static(dst_list, values):

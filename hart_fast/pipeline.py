@@ -46,6 +46,11 @@ _DTYPES = {
 }
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's out-of-memory error, or a library error that reports one (cuBLAS, cuDNN)."""
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
 def parse_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -155,6 +160,26 @@ class HartPipeline:
 
         self.fast = ops.HAS_EXTENSION if fast is None else bool(fast)
         self._engine = None
+
+    def release_memory(self) -> bool:
+        """Free the fast path's cached state of every batch size (KV caches, stage
+        buffers, CUDA graphs); the next generate rebuilds what it needs.  Returns
+        whether anything was freed."""
+        return self._engine is not None and self._engine.release()
+
+    def _retry_out_of_memory(self, fn, keep_rows: Optional[int] = None):
+        """fn(), run once more if it ran out of memory while the fast engine held
+        state it does not need (other batch sizes' buffers and graphs; for a decode,
+        keep_rows None, all of it).  The retry starts from scratch: seeded runs
+        give the same result; a stateful token_sampler sees the stages again."""
+        try:
+            return fn()
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            if not is_out_of_memory(e) or self._engine is None or not self._engine.release(keep=keep_rows):
+                raise
+        # The state of this batch size too: a graph capture cut short is not reused.
+        self._engine.release()
+        return fn()
 
     @property
     def engine(self):
@@ -286,15 +311,18 @@ class HartPipeline:
         self._validate(prompt_embeds, prompt_mask, guidance_scale, top_k, top_p, diffusion_steps,
                        diffusion_temperature, residual_latents, output_type, seed)
         run = self.engine.run if self.fast else self._run
-        f_hat = run(
-            prompt_embeds, prompt_mask, guidance_scale=guidance_scale, seed=seed, top_k=top_k, top_p=top_p,
-            more_smooth=more_smooth, residual_diffusion=residual_diffusion, diffusion_steps=diffusion_steps,
-            diffusion_temperature=diffusion_temperature, residual_latents=residual_latents,
-            token_sampler=token_sampler,
+        f_hat = self._retry_out_of_memory(
+            lambda: run(
+                prompt_embeds, prompt_mask, guidance_scale=guidance_scale, seed=seed, top_k=top_k, top_p=top_p,
+                more_smooth=more_smooth, residual_diffusion=residual_diffusion, diffusion_steps=diffusion_steps,
+                diffusion_temperature=diffusion_temperature, residual_latents=residual_latents,
+                token_sampler=token_sampler,
+            ),
+            keep_rows=2 * prompt_embeds.shape[0],
         )
         if output_type == "latent":
             return f_hat
-        images = self.decode(f_hat)
+        images = self._retry_out_of_memory(lambda: self.decode(f_hat))
         if output_type == "pil":
             return to_pil(images)
         return images

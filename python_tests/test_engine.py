@@ -66,7 +66,110 @@ def test_sampled_generation_agrees_and_buffers_are_reused(tmp_path):
     fast.generate(ctx, mask, seed=4)
     assert fast.engine.states[4].k[0].data_ptr() == k0  # the static KV cache is reused
     fast.generate(ctx[:1], mask[:1], seed=4)
-    assert sorted(fast.engine.states) == [2, 4]  # one static state per batch size
+    assert sorted(fast.engine.states) == [2]  # on the CPU only the latest batch size's state is kept
+    fast.engine.keep_all_states = True  # the CUDA policy: one static state per batch size seen
+    fast.generate(ctx, mask, seed=4)
+    assert sorted(fast.engine.states) == [2, 4]
+
+
+def _oom():
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (emulated)")
+
+
+@pytest.fixture
+def cached_two(tmp_path):
+    """A fast pipeline that keeps every batch size's state, holding batch 2's,
+    and a reference result for batch 1 (seeded, greedy codes)."""
+    d = write_model(str(tmp_path / "m"))
+    fast = HartPipeline.from_pretrained(d, fast=True)
+    fast.engine.keep_all_states = True
+    ctx, mask = random_prompts(2, fast.config.context_token, fast.config.context_dim, seed=7)
+    fast.generate(ctx, mask, seed=1)
+    assert sorted(fast.engine.states) == [4]
+    fresh = HartPipeline.from_pretrained(d, fast=True).generate(ctx[:1], mask[:1], seed=2)
+    return fast, ctx[:1], mask[:1], fresh
+
+
+def test_state_allocation_out_of_memory_frees_other_batch_sizes(cached_two, monkeypatch):
+    import hart_fast.engine as engine_mod
+
+    fast, ctx, mask, fresh = cached_two
+    real = engine_mod.StageState
+    calls = []
+
+    def tight(tr, B2, device, dtype):  # no room while another batch size's state is held
+        calls.append(sorted(fast.engine.states))
+        if fast.engine.states:
+            raise _oom()
+        return real(tr, B2, device, dtype)
+
+    monkeypatch.setattr(engine_mod, "StageState", tight)
+    out = fast.generate(ctx, mask, seed=2)
+    assert calls == [[4], []] and sorted(fast.engine.states) == [2]
+    torch.testing.assert_close(out, fresh, atol=0, rtol=0)
+
+
+def test_generate_retries_a_run_after_freeing_other_batch_sizes(cached_two, monkeypatch):
+    fast, ctx, mask, fresh = cached_two
+    eng = fast.engine
+    real = eng._run_stage
+    seen = []
+
+    def tight(st, si):
+        seen.append(sorted(eng.states))
+        if 4 in eng.states:
+            raise _oom()
+        return real(st, si)
+
+    monkeypatch.setattr(eng, "_run_stage", tight)
+    out = fast.generate(ctx, mask, seed=2)
+    assert seen[0] == [2, 4] and all(s == [2] for s in seen[1:]) and sorted(eng.states) == [2]
+    torch.testing.assert_close(out, fresh, atol=0, rtol=0)
+
+
+def test_generate_retries_a_decode_after_freeing_the_engine(cached_two, monkeypatch):
+    import hart_fast.model.vae_fast as vae_mod
+
+    fast, ctx, mask, fresh = cached_two
+    real = vae_mod.fhat_to_img_fast
+    held = []
+
+    def tight(*a, **k):
+        held.append(bool(fast.engine.states))
+        if fast.engine.states:
+            raise _oom()
+        return real(*a, **k)
+
+    monkeypatch.setattr(vae_mod, "fhat_to_img_fast", tight)
+    out = fast.generate(ctx, mask, seed=2)
+    assert held == [True, False] and not fast.engine.states
+    torch.testing.assert_close(out, fresh, atol=0, rtol=0)
+
+
+def test_out_of_memory_with_nothing_to_free_is_raised_once(tmp_path, monkeypatch):
+    d = write_model(str(tmp_path / "m"))
+    fast = HartPipeline.from_pretrained(d, fast=True)
+    ctx, mask = random_prompts(1, fast.config.context_token, fast.config.context_dim, seed=8)
+    calls = []
+
+    def boom(st, si):
+        calls.append(si)
+        raise _oom()
+
+    monkeypatch.setattr(fast.engine, "_run_stage", boom)
+    with pytest.raises(torch.OutOfMemoryError, match="emulated"):
+        fast.generate(ctx, mask, seed=0)
+    assert calls == [0]  # only this batch size's state was held: no pointless retry
+
+
+def test_release_memory(cached_two):
+    fast, ctx, mask, _ = cached_two
+    assert fast.release_memory() is True and not fast.engine.states
+    assert fast.release_memory() is False
+    ref = HartPipeline(fast.transformer, fast.tokenizer, fast=False)
+    assert ref.release_memory() is False  # the reference path holds no state
+    fast.generate(ctx, mask, seed=2)  # rebuilds what it needs
+    assert sorted(fast.engine.states) == [2]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)

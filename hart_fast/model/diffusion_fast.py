@@ -207,4 +207,13 @@ def _run_graphed(net, ada, x, z, cfg, guided, sched, temperature, noises, dt):
     return g.x_out.clone()
 
 
-__all__ = ["sample_residual_fast", "mlp_forward_fast"]
+def release_graph(net: SimpleMLPAdaLN) -> bool:
+    """Drop the captured step-loop graph of net (and its memory pool); True if there was one."""
+    cache = getattr(net, "_hart_fast_graph", None)
+    if not cache:
+        return False
+    object.__setattr__(net, "_hart_fast_graph", {})
+    return True
+
+
+__all__ = ["sample_residual_fast", "mlp_forward_fast", "release_graph"]
