@@ -174,6 +174,10 @@ def test_gated_residual_cuda_matches_torch(cuda_kernel_device):
         x, h = (torch.randn(2, 300, 1536, generator=g).to("cuda", dtype) for _ in range(2))
         gate = torch.randn(2, 1, 1536, generator=g).to("cuda", dtype)
         assert torch.equal(gated_residual(x, gate, h), x + gate * h), dtype
+        # The gate as the engine passes it: a column slice of the modulation output.
+        mods = torch.randn(2, 1, 6 * 1536, generator=g).to("cuda", dtype)
+        gate = mods[..., 1536:3072]
+        assert torch.equal(gated_residual(x, gate, h), x + gate * h), dtype
 
 
 # ---------------------------------------------------------------------------

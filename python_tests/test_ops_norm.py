@@ -235,6 +235,12 @@ class TestNormErrors:
             torch.ops.hart_fast.rms_norm_modulate(
                 torch.ones(2, 3, 8), None, torch.ones(3, 1, 8), None, 1e-6)
 
+    def test_kernel_mixed_devices_without_wrapper(self, cuda_kernel_device):
+        # x on the CPU, weight on the GPU: the dispatcher picks the CUDA kernel,
+        # whose device guard names the problem (csrc/cuda/device_guard.h).
+        with pytest.raises(ValueError, match="expected x on a CUDA device like the other arguments, but got x on cpu"):
+            torch.ops.hart_fast.rms_norm_modulate(torch.ones(2, 8), torch.ones(8, device="cuda"), None, None, 1e-6)
+
 
 class TestNormFallback:
     """Without the compiled extension the wrappers run the references."""

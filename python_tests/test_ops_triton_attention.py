@@ -102,12 +102,25 @@ def test_interpreter_refuses_bf16():
 # ---------------------------------------------------------------------------
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("B,lq,kv_len", [(2, 1, 301), (2, 16, 330), (2, 256, 1000), (2, 2304, 5654),
-                                         (2, 4096, 9750), (16, 441, 1580)])
+@pytest.mark.parametrize("B,lq,kv_len", [(2, 1, 301), (2, 16, 330), (2, 49, 403), (2, 81, 484), (2, 256, 1000),
+                                         (2, 2304, 5654), (2, 4096, 9750), (16, 441, 1580)])
 def test_cuda_hart_stage_shapes(dtype, B, lq, kv_len):
     q, k, v = attn_inputs(B, 24, lq, kv_len + 7, 64, dtype, "cuda", seed=lq, q_scale=2.0)
     out = ms_attention_triton(q, k, v, kv_len, 0.125)
     assert_attn_close(out, ms_attention_reference, (q, k, v, kv_len, 0.125), dtype)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lq", [49, 300], ids=lambda n: f"lq{n}")
+def test_cuda_strided_views_and_head_dims(dtype, lq):
+    # q a strided view (heads 1..3 of 5), k / v caches longer than kv_len, d != 64.
+    for d in (32, 128):
+        q5, k, v = attn_inputs(2, 5, lq, 700, d, dtype, "cuda", seed=d + lq)
+        q = q5[:, 1:4]
+        k, v = k[:, 1:4], v[:, 1:4]
+        out = ms_attention_triton(q, k, v, 650, d ** -0.5)
+        assert_attn_close(out, ms_attention_reference, (q, k, v, 650, d ** -0.5), dtype)
 
 
 @cuda_only

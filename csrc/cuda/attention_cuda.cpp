@@ -10,6 +10,7 @@
 
 #include "../attention_args.h"
 #include "attention_launch.h"
+#include "device_guard.h"
 
 namespace hart_fast::ops {
 namespace {
@@ -18,7 +19,7 @@ at::Tensor qkv_rope_cache_cuda(const at::Tensor& qkv, const std::optional<at::Te
                                const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                                at::Tensor& v_cache, int64_t start,
                                const std::optional<at::Tensor>& scale_mul) {
-  const c10::cuda::CUDAGuard guard(qkv.device());
+  const auto guard = cuda_device_guard("qkv_rope_cache", "qkv", qkv);
   QkvRopeArgs a = prepare_qkv_rope_cache(qkv, qkv_bias, cos, sin, k_cache, v_cache, start, scale_mul);
   TORCH_CHECK_VALUE(a.params.d <= 128, "qkv_rope_cache: the CUDA kernel supports head dims up to 128, got ",
                     a.params.d, ".");
@@ -46,7 +47,7 @@ at::Tensor run_attention(AttnArgs& a) {
 
 at::Tensor ms_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                              const at::Tensor& v_cache, int64_t kv_len, double scale) {
-  const c10::cuda::CUDAGuard guard(q.device());
+  const auto guard = cuda_device_guard("ms_attention", "q", q);
   AttnArgs a = prepare_ms_attention(q, k_cache, v_cache, kv_len, scale);
   return run_attention(a);
 }
@@ -54,13 +55,13 @@ at::Tensor ms_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
 at::Tensor ms_attention_block_causal_cuda(const at::Tensor& q, const at::Tensor& k,
                                           const at::Tensor& v, const at::Tensor& level,
                                           double scale) {
-  const c10::cuda::CUDAGuard guard(q.device());
+  const auto guard = cuda_device_guard("ms_attention_block_causal", "q", q);
   AttnArgs a = prepare_block_causal(q, k, v, level, scale);
   return run_attention(a);
 }
 
 at::Tensor cfg_top_k_filter_cuda(const at::Tensor& logits, double t, int64_t top_k, double top_p) {
-  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto guard = cuda_device_guard("cfg_top_k_filter", "logits", logits);
   CfgTopKArgs a = prepare_cfg_top_k(logits, t, top_k, top_p);
   C10_CUDA_CHECK(gpu::launch_cfg_top_k(a.logits.data_ptr<float>(), a.out.data_ptr<float>(), a.rows,
                                        a.V, a.half_offset, a.k, a.one_plus_t, a.t,

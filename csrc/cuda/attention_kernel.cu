@@ -551,6 +551,7 @@ cudaError_t launch_qkv_rope_cache(const QkvRopeParams& p, cudaStream_t stream) {
     case DType::kFloat32: qkv_rope_kernel<float><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(p); break;
     case DType::kFloat16: qkv_rope_kernel<half_t><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(p); break;
     case DType::kBFloat16: qkv_rope_kernel<bf16_t><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(p); break;
+    default: return cudaErrorInvalidValue;  // nothing launched
   }
   return cudaGetLastError();
 }

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../group_norm_silu_args.h"
+#include "device_guard.h"
 #include "group_norm_silu_launch.h"
 
 namespace hart_fast::ops {
@@ -16,7 +17,7 @@ namespace {
 at::Tensor group_norm_silu_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& bias, int64_t groups, double eps,
                                 bool silu) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const auto guard = cuda_device_guard("group_norm_silu", "x", x);
   GroupNormSiluArgs a = prepare_group_norm_silu(x, weight, bias, groups, eps, silu);
   const GroupNormSiluParams& p = a.params;
   if (p.batch * p.channels * p.hw == 0) return a.out;

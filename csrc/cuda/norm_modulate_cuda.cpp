@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "../tensor_args.h"
+#include "device_guard.h"
 #include "launchers.h"
 
 namespace hart_fast::ops {
@@ -19,7 +20,7 @@ at::Tensor run(const char* op, const at::Tensor& x, const std::optional<at::Tens
                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                const std::optional<at::Tensor>& shift, double eps, bool layer_norm) {
   // Allocations and the kernel must target x's device, whatever is current.
-  const c10::cuda::CUDAGuard guard(x.device());
+  const auto guard = cuda_device_guard(op, "x", x);
   NormModulateArgs a = prepare_norm_modulate(op, x, weight, bias, scale, shift, eps, layer_norm);
   C10_CUDA_CHECK(gpu::launch_norm_modulate(a.params, layer_norm,
                                            c10::cuda::getCurrentCUDAStream().stream()));
@@ -47,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor> run_add(const char* op, const at::Tensor& x,
                                             const std::optional<at::Tensor>& scale,
                                             const std::optional<at::Tensor>& shift, double eps,
                                             bool layer_norm) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const auto guard = cuda_device_guard(op, "x", x);
   NormModulateArgs a =
       prepare_add_norm_modulate(op, x, branch, gate, weight, bias, scale, shift, eps, layer_norm);
   C10_CUDA_CHECK(gpu::launch_norm_modulate(a.params, layer_norm,

@@ -127,6 +127,8 @@ cudaError_t launch_norm_modulate(const NormModulateParams& p, bool layer_norm,
     case DType::kBFloat16:
       launch_typed<bf16_t>(p, layer_norm, stream);
       break;
+    default:  // nothing launched: never report success with `out` unwritten
+      return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }

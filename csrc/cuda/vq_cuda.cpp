@@ -8,13 +8,14 @@
 #include <torch/library.h>
 
 #include "../tensor_args.h"
+#include "device_guard.h"
 #include "launchers.h"
 
 namespace hart_fast::ops {
 namespace {
 
 at::Tensor vq_nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook) {
-  const c10::cuda::CUDAGuard guard(z.device());
+  const auto guard = cuda_device_guard("vq_nearest_code", "z", z);
   VQArgs a = prepare_vq_nearest_code(z, codebook);
   if (a.n == 0) return a.out;
   // Scratch for ||e_v||^2, computed once per call instead of once per block.

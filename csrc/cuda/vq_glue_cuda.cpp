@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../vq_glue_args.h"
+#include "device_guard.h"
 #include "vq_glue_launch.h"
 
 namespace hart_fast::ops {
@@ -16,7 +17,7 @@ namespace {
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 at::Tensor bicubic_upsample_cuda(const at::Tensor& x, int64_t out_h, int64_t out_w) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const auto guard = cuda_device_guard("bicubic_upsample", "x", x);
   ResizeArgs a = prepare_resize("bicubic_upsample", x, out_h, out_w);
   C10_CUDA_CHECK(gpu::launch_bicubic_upsample(a.x.data_ptr(), a.out.data_ptr(), a.dtype, a.planes,
                                               a.in_h, a.in_w, a.out_h, a.out_w, stream()));
@@ -24,7 +25,7 @@ at::Tensor bicubic_upsample_cuda(const at::Tensor& x, int64_t out_h, int64_t out
 }
 
 at::Tensor area_downsample_cuda(const at::Tensor& x, int64_t out_h, int64_t out_w) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const auto guard = cuda_device_guard("area_downsample", "x", x);
   ResizeArgs a = prepare_resize("area_downsample", x, out_h, out_w);
   C10_CUDA_CHECK(gpu::launch_area_downsample(a.x.data_ptr(), a.out.data_ptr(), a.dtype, a.planes,
                                              a.in_h, a.in_w, a.out_h, a.out_w, stream()));
@@ -33,7 +34,7 @@ at::Tensor area_downsample_cuda(const at::Tensor& x, int64_t out_h, int64_t out_
 
 void phi_blend_accumulate_cuda(const at::Tensor& f_hat, const at::Tensor& up,
                                const at::Tensor& conv_out, double ratio) {
-  const c10::cuda::CUDAGuard guard(f_hat.device());
+  const auto guard = cuda_device_guard("phi_blend_accumulate", "f_hat", f_hat);
   PhiArgs a = prepare_phi(f_hat, up, conv_out);
   C10_CUDA_CHECK(gpu::launch_phi_blend_accumulate(
       f_hat.data_ptr<float>(), a.up.data_ptr(), a.conv.data_ptr(), a.dtype, a.numel,
@@ -45,7 +46,7 @@ at::Tensor iddpm_step_fused_cuda(const at::Tensor& x, const at::Tensor& model_ou
                                  double c_recip, double c_recipm1, double c_coef1,
                                  double c_coef2, double min_log, double max_log, double nonzero,
                                  double temperature) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const auto guard = cuda_device_guard("iddpm_step_fused", "x", x);
   IddpmArgs a = prepare_iddpm(x, model_out, noise, guided);
   const IddpmScalars s = iddpm_scalars(cfg, guided, c_recip, c_recipm1, c_coef1, c_coef2,
                                        min_log, max_log, nonzero, temperature);

@@ -91,6 +91,7 @@ cudaError_t launch_typed(DType d, int64_t total, cudaStream_t stream, Args... ar
     case DType::kFloat32: K<float>::launch(grid, stream, args...); break;
     case DType::kFloat16: K<half_t>::launch(grid, stream, args...); break;
     case DType::kBFloat16: K<bf16_t>::launch(grid, stream, args...); break;
+    default: return cudaErrorInvalidValue;  // nothing launched
   }
   return cudaGetLastError();
 }

@@ -40,7 +40,7 @@ import os
 import torch
 
 from hart_fast.ops.attention import check_block_causal_args, check_ms_attention_args
-from hart_fast.ops.triton_epilogues import triton_available
+from hart_fast.ops.triton_epilogues import launch_device, triton_available
 
 _KERNEL = None
 _LOG2E = 1.0 / math.log(2.0)
@@ -149,13 +149,14 @@ def _launch(q, k, v, kv_len: int, scale: float, kv_end=None) -> torch.Tensor:
     block_m, block_n, warps, stages = _launch_config(lq, d, q.dtype)
     grid = ((lq + block_m - 1) // block_m, B * H)
     opts = {} if _interpreting() else {"num_warps": warps, "num_stages": stages}
-    _KERNEL[grid](
-        q, k, v, out, kv_end if kv_end is not None else out, float(scale) * _LOG2E, kv_len, lq, H,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-        HEAD_D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_CAUSAL=kv_end is not None,
-        IEEE=q.dtype == torch.float32, **opts,
-    )
+    with launch_device(q):
+        _KERNEL[grid](
+            q, k, v, out, kv_end if kv_end is not None else out, float(scale) * _LOG2E, kv_len, lq, H,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
+            HEAD_D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_CAUSAL=kv_end is not None,
+            IEEE=q.dtype == torch.float32, **opts,
+        )
     return out
 
 

@@ -21,6 +21,7 @@ to keep the two roundings; the interpreter never fuses.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -79,6 +80,13 @@ def _gate_rows(x: torch.Tensor, gate: torch.Tensor):
                      f"({x.shape[0]}, 1, {W}) for a 3-D x, but got gate with shape {tuple(gate.shape)}.")
 
 
+def launch_device(t: torch.Tensor):
+    """Context for a Triton launch on t's device: Triton launches on the current
+    CUDA device (and its current stream), which need not be t's.  A no-op for CPU
+    tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def gated_residual_triton(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """x + gate * h (see the module docstring for shapes), fp32/fp16/bf16 on CUDA."""
     global _KERNEL
@@ -102,8 +110,9 @@ def gated_residual_triton(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor) 
     # No FMA contraction on the GPU (bitwise the torch expression); the
     # interpreter neither fuses nor knows the compile option.
     opts = {} if os.environ.get("TRITON_INTERPRET") == "1" else {"enable_fp_fusion": False}
-    _KERNEL[grid](x2, g2, h2, out, W, g_div, x2.stride(0), g2.stride(0), h2.stride(0), out.stride(0),
-                  BLOCK=BLOCK, **opts)
+    with launch_device(x):
+        _KERNEL[grid](x2, g2, h2, out, W, g_div, x2.stride(0), g2.stride(0), h2.stride(0), out.stride(0),
+                      BLOCK=BLOCK, **opts)
     return out.view(x.shape)
 
 

@@ -35,6 +35,10 @@ namespace hart_fast {
 // Number of partial sums per row.  Also the CUDA block size: changing it
 // changes results in the last fp32 bit on both devices together.
 constexpr int kNormLanes = 256;
+// The lane folds halve the lane count each step: a power of two, at most one
+// CUDA block.
+static_assert((kNormLanes & (kNormLanes - 1)) == 0 && kNormLanes <= 1024,
+              "kNormLanes must be a power of two <= 1024");
 
 // Maps a flattened row index of x (rows = prod(x.shape[:-1])) to the row of
 // a broadcast operand (scale / shift / gate), whose rows have `cols`
@@ -66,13 +70,14 @@ HF_HOST_DEVICE inline int64_t hf_operand_offset(int64_t row, RowBroadcast b, int
 // Raw, torch-free description of one norm+modulate call.  Pointers of type
 // void refer to elements of `dtype`; weight and bias are always fp32 (the
 // torch glue upcasts them, which is exact).  x and out are contiguous
-// (rows, cols); scale / shift are (outer, cols) rows as their maps describe.  Null pointers
-// mean "absent".
+// (rows, cols); scale / shift rows of `cols` elements are found through their
+// maps (broadcast and row stride: they may be column slices read in place).
+// Null pointers mean "absent".
 struct NormModulateParams {
   const void* x = nullptr;
   void* out = nullptr;
   // Residual-add variant (all null otherwise): branch is contiguous
-  // (rows, cols) like x; gate contiguous (outer, cols) with gate_map; the sum
+  // (rows, cols) like x; gate rows found through gate_map; the sum
   // x + branch * gate is written to sum_out (rows, cols) and then normalised.
   const void* branch = nullptr;
   const void* gate = nullptr;
