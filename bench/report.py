@@ -127,8 +127,13 @@ def section_end_to_end(dev, dtype, batches, repeats):
         for path in ("reference", "fast"):
             pipe = random_pipeline(LLM, TOK, dev, dtype, fast=path == "fast")
             ctx, mask = random_prompts(pipe, B)
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             ms = median_ms(lambda: pipe.generate(ctx, mask, seed=0), dev, repeats)
-            rows.append({"section": "end-to-end", "path": path, "batch": B, "ms": ms, "ms_per_image": ms / B})
+            row = {"section": "end-to-end", "path": path, "batch": B, "ms": ms, "ms_per_image": ms / B}
+            if dev == "cuda":  # weights + static state + graphs + the decode's activations
+                row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+            rows.append(row)
             pipe = None  # free its engine (static buffers, CUDA graphs); the weights are shared
             _free()
     return rows
@@ -157,8 +162,10 @@ def section_attention(dev, dtype, repeats):
                     row[f"{name}_error"] = type(e).__name__
                 row[f"{name}_ms"] = ms
             flops = 4 * B * H * lq * kv * d  # of the unmasked problem
-            timed = [row[f"{n}_ms"] for n in ("ours", "sdpa", "flash", "triton") if row[f"{n}_ms"] == row[f"{n}_ms"]]
-            row["best_TFLOPs"] = flops / (min(timed) * 1e-3) / 1e12 if timed else float("nan")
+            timed = {n: row[f"{n}_ms"] for n in ("ours", "sdpa", "flash", "triton") if row[f"{n}_ms"] == row[f"{n}_ms"]}
+            best = min(timed, key=timed.get) if timed else None
+            row["best"] = best or "-"  # the backend CUDA_CROSSOVER should pick for this shape
+            row["best_TFLOPs"] = flops / (timed[best] * 1e-3) / 1e12 if best else float("nan")
             rows.append(row)
     # The training-time block-causal pass over the whole 1024px sequence.
     from hart_fast.ops.attention import block_causal_mask
