@@ -144,8 +144,6 @@ def batches(items: Sequence, batch_size: int) -> Iterator[Tuple[int, Sequence]]:
         yield i // batch_size, items[i:i + batch_size]
 
 
-
-
 @dataclass
 class Batch:
     """One generated batch: which prompt each image belongs to, and how to redo it."""
