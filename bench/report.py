@@ -105,8 +105,7 @@ def section_profile(dev, dtype):
     z = torch.randn(2 * _last_tokens(), LLM["embed_dim"], device=dev, dtype=dtype)
     f = _latent(1, dev, dtype)
     noise = lambda shape: torch.randn(*shape, device=dev)  # noqa: E731
-    torch.backends.cudnn.benchmark = True
-    runs = (
+    runs = (  # (the fast decode turns cuDNN's algorithm search on by itself)
         ("AR stage 5 (49 tokens)", lambda: eng._stage_forward(st, 5)),
         (f"AR stage {S - 2} (before the last)", lambda: eng._stage_forward(st, S - 2)),
         (f"AR stage {S - 1} (last)", lambda: eng._stage_forward(st, S - 1)),
@@ -192,11 +191,8 @@ def section_attention(dev, dtype, repeats):
 
 def section_diffusion(dev, dtype, batches, repeats):
     from hart_fast.model.diffusion import RespacedSchedule, sample_residual
+    from hart_fast.model.diffusion_fast import sample_residual_fast
 
-    try:
-        from hart_fast.model.diffusion_fast import sample_residual_fast
-    except ImportError:
-        sample_residual_fast = None
     rows = []
     pipe = random_pipeline(LLM, TOK, dev, dtype, fast=False)
     net = pipe.transformer.diffloss.net
@@ -208,33 +204,33 @@ def section_diffusion(dev, dtype, batches, repeats):
         with torch.inference_mode():
             ref = median_ms(lambda: sample_residual(net, z, 3.6, sched, noise_fn=noise), dev, repeats)
             row = {"section": "residual diffusion", "batch": B, "reference_ms": ref}
-            if sample_residual_fast is not None:
-                for graph in (False, True):
-                    row[f"fast{'_graph' if graph else ''}_ms"] = median_ms(
-                        lambda: sample_residual_fast(net, z, 3.6, sched, 1.0, None, noise, cuda_graph=graph),
-                        dev, repeats)
+            for graph in (False, True):
+                row[f"fast{'_graph' if graph else ''}_ms"] = median_ms(
+                    lambda: sample_residual_fast(net, z, 3.6, sched, 1.0, None, noise, cuda_graph=graph),
+                    dev, repeats)
         rows.append(row)
     return rows
 
 
 def section_vae(dev, dtype, batches, repeats):
-    try:
-        from hart_fast.model.vae_fast import fhat_to_img_fast
-    except ImportError:
-        fhat_to_img_fast = None
+    """The reference decoder as the reference path runs it and with cuDNN's
+    algorithm search (the issue's best library setting), vs the fast decoder
+    (which turns the search on itself) in NCHW and channels_last."""
+    from hart_fast.model.vae_fast import cudnn_autotune, fhat_to_img_fast
+
     rows = []
     pipe = random_pipeline(LLM, TOK, dev, dtype, fast=False)
     tok = pipe.tokenizer
-    torch.backends.cudnn.benchmark = True
     for B in batches:
         f = _latent(B, dev, dtype)
         with torch.inference_mode():
             row = {"section": "VAE decode", "batch": B,
                    "reference_ms": median_ms(lambda: tok.fhat_to_img(f), dev, repeats)}
-            if fhat_to_img_fast is not None:
-                for cl in (False, True):
-                    row[f"fast{'_cl' if cl else ''}_ms"] = median_ms(
-                        lambda: fhat_to_img_fast(tok, f, channels_last=cl), dev, repeats)
+            with cudnn_autotune():
+                row["reference_cudnn_search_ms"] = median_ms(lambda: tok.fhat_to_img(f), dev, repeats)
+            for cl in (False, True):
+                row[f"fast{'_cl' if cl else ''}_ms"] = median_ms(
+                    lambda: fhat_to_img_fast(tok, f, channels_last=cl), dev, repeats)
         rows.append(row)
     return rows
 
@@ -267,24 +263,22 @@ def section_norm(dev, dtype, repeats):
 
 
 def section_vq_glue(dev, dtype, repeats):
-    try:
-        from hart_fast.ops.vq_glue import next_scale_input_fast
-    except ImportError:
-        next_scale_input_fast = None
+    from hart_fast.ops.vq_glue import next_scale_input_fast
+
     pipe = random_pipeline(LLM, TOK, dev, dtype, fast=False)
     tok, pns = pipe.tokenizer, LLM["patch_nums"]
+    # Each stage's codes as embeddings, drawn outside the timed loop.
+    hs = [torch.randn(1, TOK["z_channels"], pn, pn, device=dev, dtype=dtype) for pn in pns[:-1]]
 
     def run(fn):
         f_hat = torch.zeros_like(_latent(1, dev, torch.float32))
-        for si, pn in enumerate(pns[:-1]):
-            h = torch.randn(1, TOK["z_channels"], pn, pn, device=dev, dtype=dtype)
+        for si, h in enumerate(hs):
             f_hat, _ = fn(tok, si, pns, f_hat, h)
 
     with torch.inference_mode():
         row = {"section": f"VQ glue ({len(pns) - 1} stages)", "batch": 1,
-               "reference_ms": median_ms(lambda: run(lambda t, *a: t.next_scale_input(*a)), dev, repeats)}
-        if next_scale_input_fast is not None:
-            row["fast_ms"] = median_ms(lambda: run(next_scale_input_fast), dev, repeats)
+               "reference_ms": median_ms(lambda: run(lambda t, *a: t.next_scale_input(*a)), dev, repeats),
+               "fast_ms": median_ms(lambda: run(next_scale_input_fast), dev, repeats)}
     return [row]
 
 

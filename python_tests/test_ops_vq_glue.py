@@ -27,10 +27,10 @@ from hart_fast.ops import (
     phi_blend_accumulate_reference_,
 )
 
+from tiny_models import REFERENCE_DIR
+
 HART_PN = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-from tiny_models import REFERENCE_DIR  # noqa: E402
-
 REF_DIR = REFERENCE_DIR
 
 

@@ -83,6 +83,11 @@ def layer_norm_modulate_reference(
     return _modulate_reference(y, scale, shift)
 
 
+def _gated_add_reference(x, branch, gate):
+    # As the model writes it: the product and the sum each rounded to x.dtype.
+    return x + (branch if gate is None else branch * gate)
+
+
 def add_rms_norm_modulate_reference(
     x: torch.Tensor,  # (..., C) the residual stream
     branch: torch.Tensor,  # (..., C) the sub-layer output, x's shape and dtype
@@ -93,7 +98,7 @@ def add_rms_norm_modulate_reference(
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (s, normalised s), both (..., C) x.dtype
     """``s = x + branch * gate`` then :func:`rms_norm_modulate_reference` of s."""
-    s = x + (branch if gate is None else branch * gate)
+    s = _gated_add_reference(x, branch, gate)
     return s, rms_norm_modulate_reference(s, weight, scale, shift, eps)
 
 
@@ -108,7 +113,7 @@ def add_layer_norm_modulate_reference(
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``s = x + branch * gate`` then :func:`layer_norm_modulate_reference` of s."""
-    s = x + (branch if gate is None else branch * gate)
+    s = _gated_add_reference(x, branch, gate)
     return s, layer_norm_modulate_reference(s, weight, bias, scale, shift, eps)
 
 

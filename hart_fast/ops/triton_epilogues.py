@@ -123,4 +123,4 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor) -> torc
     return gated_residual_reference(x, gate, h)
 
 
-__all__ = ["gated_residual", "gated_residual_reference", "gated_residual_triton", "triton_available"]
+__all__ = ["gated_residual", "gated_residual_reference", "gated_residual_triton", "launch_device", "triton_available"]
