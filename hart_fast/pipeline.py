@@ -432,7 +432,7 @@ class HartPipeline:
             else:
                 h_BlC = codebook[idx_Bl].float()                              # (B, l, Cvae)
             if not last:
-                f_hat, x = next_stage_input(self, si, h_BlC, f_hat, lvl_pos, trace, reference_next_scale_input)
+                f_hat, x = next_stage_input(self, si, h_BlC, f_hat, lvl_pos, trace, HartTokenizer.next_scale_input)
                 x = x.repeat(2, 1, 1)  # both CFG halves see the same next-scale input
                 continue
             # Last scale: discrete codes plus the continuous residual.
@@ -446,10 +446,6 @@ class HartPipeline:
         if trace is not None:
             trace["f_hat_final"] = f_hat.clone()
         return f_hat
-
-
-def reference_next_scale_input(tokenizer, si, patch_nums, f_hat, h_BChw):
-    return tokenizer.next_scale_input(si, patch_nums, f_hat, h_BChw)
 
 
 def next_stage_input(pipe, si: int, h_BlC, f_hat, lvl_pos, trace, next_scale_input_fn):
