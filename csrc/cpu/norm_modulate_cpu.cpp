@@ -75,7 +75,8 @@ void norm_rows(const NormModulateParams& p, int64_t begin, int64_t end) {
     // Each step below is one simple loop over the row so that the compiler
     // vectorises it (optional operands are branched on once per row, not per
     // element).  The per-element operations and their order are exactly those
-    // of hf_layer_apply / hf_rms_apply + hf_modulate_store used on the GPU.
+    // of hf_layer_apply + hf_layer_modulate_store / hf_rms_apply + hf_modulate_store
+    // used on the GPU.
     if (kLayer) {
       const float mean = hf_mean(lane_sum(xf, cols, lanes, [](float v) { return v; }), cols);
       const float sq =
@@ -86,20 +87,32 @@ void norm_rows(const NormModulateParams& p, int64_t begin, int64_t end) {
       const float inv = hf_rms_inv(lane_sum(xf, cols, lanes, hf_rms_term), cols, p.eps);
       for (int64_t c = 0; c < cols; ++c) y[c] = hf_rms_normalize(xf[c], inv);
     }
-    if (weight != nullptr) {
-      for (int64_t c = 0; c < cols; ++c) y[c] = hf_weight_step(y[c], weight[c]);
-    }
-    if (kLayer && bias != nullptr) {
-      for (int64_t c = 0; c < cols; ++c) y[c] = hf_bias_step(y[c], bias[c]);
-    }
-    for (int64_t c = 0; c < cols; ++c) y[c] = hf_round_to<S>(y[c]);
-    if (scale != nullptr) {
-      const S* __restrict__ s = scale + hf_operand_offset(row, p.scale_map, cols);
-      for (int64_t c = 0; c < cols; ++c) y[c] = hf_scale_step<S>(y[c], hf_load(s[c]));
-    }
-    if (shift != nullptr) {
-      const S* __restrict__ s = shift + hf_operand_offset(row, p.shift_map, cols);
-      for (int64_t c = 0; c < cols; ++c) y[c] = hf_shift_step<S>(y[c], hf_load(s[c]));
+    const S* __restrict__ sc = scale ? scale + hf_operand_offset(row, p.scale_map, cols) : nullptr;
+    const S* __restrict__ sh = shift ? shift + hf_operand_offset(row, p.shift_map, cols) : nullptr;
+    if (kLayer) {  // hf_layer_apply + hf_layer_modulate_store: float32 up to the store
+      if (weight != nullptr) {
+        for (int64_t c = 0; c < cols; ++c) y[c] = hf_weight_step(y[c], weight[c]);
+      }
+      if (bias != nullptr) {
+        for (int64_t c = 0; c < cols; ++c) y[c] = hf_bias_step(y[c], bias[c]);
+      }
+      if (sc != nullptr) {
+        for (int64_t c = 0; c < cols; ++c) y[c] = hf_layer_scale_step<S>(y[c], hf_load(sc[c]));
+      }
+      if (sh != nullptr) {
+        for (int64_t c = 0; c < cols; ++c) y[c] = hf_add(y[c], hf_load(sh[c]));
+      }
+    } else {  // hf_rms_apply + hf_modulate_store: rounded to S at every official step
+      for (int64_t c = 0; c < cols; ++c) y[c] = hf_round_to<S>(y[c]);
+      if (weight != nullptr) {
+        for (int64_t c = 0; c < cols; ++c) y[c] = hf_rms_weight_step<S>(y[c], weight[c]);
+      }
+      if (sc != nullptr) {
+        for (int64_t c = 0; c < cols; ++c) y[c] = hf_scale_step<S>(y[c], hf_load(sc[c]));
+      }
+      if (sh != nullptr) {
+        for (int64_t c = 0; c < cols; ++c) y[c] = hf_shift_step<S>(y[c], hf_load(sh[c]));
+      }
     }
     for (int64_t c = 0; c < cols; ++c) yr[c] = Storage<S>::store(y[c]);
   }

@@ -87,8 +87,8 @@ __global__ void __launch_bounds__(kNormLanes) norm_modulate_kernel(NormModulateP
   for (int64_t c = t; c < cols; c += kNormLanes) {
     const float v = hf_load(x[c]);
     const float y = kLayer ? hf_layer_apply(v, mean, inv, p.weight, p.bias, c)
-                           : hf_rms_apply(v, inv, p.weight, c);
-    y_out[c] = hf_modulate_store<S>(y, scale_row, shift_row, c);
+                           : hf_rms_apply<S>(v, inv, p.weight, c);
+    y_out[c] = hf_norm_store<S, kLayer>(y, scale_row, shift_row, c);
   }
 }
 

@@ -271,9 +271,11 @@ void check_norm_kernel(bool layer, int64_t rows_b, int64_t rows_l, int64_t cols,
     for (int64_t c = 0; c < cols; ++c) {
       const float v = hf_load(x[r * cols + c]);
       const float y = layer ? hf_layer_apply(v, mean, inv, p.weight, p.bias, c)
-                            : hf_rms_apply(v, inv, p.weight, c);
-      const S expect = hf_modulate_store<S>(y, p.scale ? scale.data() + br * cols : nullptr,
-                                            p.shift ? shift.data() + br * cols : nullptr, c);
+                            : hf_rms_apply<S>(v, inv, p.weight, c);
+      const S* srow = p.scale ? scale.data() + br * cols : nullptr;
+      const S* hrow = p.shift ? shift.data() + br * cols : nullptr;
+      const S expect = layer ? hf_norm_store<S, true>(y, srow, hrow, c)
+                             : hf_norm_store<S, false>(y, srow, hrow, c);
       const float got = hf_load(out[r * cols + c]);
       EXPECT(same_bits(got, hf_load(expect)), "norm kernel row %lld col %lld: %a vs %a",
             static_cast<long long>(r), static_cast<long long>(c), got, hf_load(expect));

@@ -53,6 +53,21 @@ def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
 
+def ln_modulate(ln: nn.LayerNorm, x: torch.Tensor, shift, scale) -> torch.Tensor:
+    """modulate(ln(x), shift, scale) rounded where the official sampler rounds.
+
+    The official code runs this MLP under autocast, where layer_norm is a float32
+    op (float32 affine weights): the LayerNorm output is float32, the modulation
+    promotes to float32 (only `1 + scale` rounds, to scale's dtype) and the
+    result rounds once to x's dtype at the next Linear.  In float32 this is
+    plain modulate(ln(x), shift, scale).
+    """
+    w = None if ln.weight is None else ln.weight.float()
+    b = None if ln.bias is None else ln.bias.float()
+    y = torch.nn.functional.layer_norm(x.float(), ln.normalized_shape, w, b, ln.eps)
+    return modulate(y, shift, scale).to(x.dtype)
+
+
 class ResBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -62,7 +77,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x_NW, y_NW):
         shift, scale, gate = self.adaLN_modulation(y_NW).chunk(3, dim=-1)
-        h = self.mlp(modulate(self.in_ln(x_NW), shift, scale))
+        h = self.mlp(ln_modulate(self.in_ln, x_NW, shift, scale))
         return x_NW + gate * h
 
 
@@ -75,7 +90,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x_NW, y_NW):
         shift, scale = self.adaLN_modulation(y_NW).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x_NW), shift, scale))
+        return self.linear(ln_modulate(self.norm_final, x_NW, shift, scale))
 
 
 class SimpleMLPAdaLN(nn.Module):

@@ -4,10 +4,19 @@ Shapes: x (..., C) is normalised over its last dim C.  weight / bias are (C,).
 scale / shift broadcast against x with last dim C; in HART they are (B, 1, C)
 against x (B, L, C).  Passing None skips the corresponding step.
 
-Numerics (both the kernels and the references):
-  * the normalisation runs in fp32 and rounds once to x.dtype;
-  * the modulation ``y.mul(1 + scale).add(shift)`` then runs in x.dtype, i.e.
-    each of the three ops rounds to x.dtype, exactly as PyTorch evaluates it.
+Numerics (both the kernels and the references) follow where the official HART
+code rounds in half precision (fp32: no rounding anywhere, the two agree):
+  * RMSNorm (HART's fused `rms_norm` kernel behind its blocks' norms): the
+    normalisation runs in fp32 and rounds to x.dtype; the weight, cast to
+    x.dtype as the official module does, multiplies in x.dtype (one more
+    rounding).  The modulation ``y.mul(1 + scale).add(shift)`` then runs in
+    x.dtype, each of the three ops rounding, as PyTorch evaluates it on the
+    blocks' half-precision stream.
+  * LayerNorm (the residual-diffusion MLP, which the official sampler runs
+    under autocast, where layer_norm is an fp32 op): normalisation and affine
+    in fp32, the modulation ``y * (1 + scale) + shift`` in fp32 as well (type
+    promotion; only ``1 + scale`` rounds, to scale's dtype), and one rounding
+    to x.dtype at the end (the next Linear's autocast cast).
 
 The residual-add variants ``add_*_norm_modulate(x, branch, gate, ...)`` first
 form ``s = x + branch * gate`` (``x + branch`` without gate; the product and
@@ -40,7 +49,8 @@ _DTYPE_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 # References (ground truth + fallback)
 # ---------------------------------------------------------------------------
 def _modulate_reference(y: torch.Tensor, scale, shift) -> torch.Tensor:
-    # y, scale, shift: same dtype; scale/shift broadcast as (B, 1, C) vs y (B, L, C)
+    # y: x.dtype (RMS) or fp32 (LayerNorm); scale / shift: x.dtype, broadcast as (B, 1, C)
+    # against y (B, L, C).  `1 + scale` rounds to scale's dtype; the products promote.
     if scale is not None:
         y = y.mul(1 + scale)
     if shift is not None:
@@ -50,17 +60,16 @@ def _modulate_reference(y: torch.Tensor, scale, shift) -> torch.Tensor:
 
 def rms_norm_modulate_reference(
     x: torch.Tensor,  # (..., C)
-    weight: torch.Tensor | None = None,  # (C,), any float dtype; multiplied in fp32
+    weight: torch.Tensor | None = None,  # (C,), any float dtype; rounded to x.dtype
     scale: torch.Tensor | None = None,  # broadcastable to x, e.g. (B, 1, C); x.dtype
     shift: torch.Tensor | None = None,  # broadcastable to x, e.g. (B, 1, C); x.dtype
     eps: float = 1e-6,
 ) -> torch.Tensor:  # (..., C), x.dtype
     """HART's fused RMSNorm followed by AdaLN modulation, in plain PyTorch."""
     xf = x.float()  # (..., C) fp32
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., C)
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)  # (..., C)
     if weight is not None:
-        y = y * weight.float()  # (C,) broadcast, fp32 math
-    y = y.to(x.dtype)
+        y = y * weight.to(x.dtype)  # (C,) broadcast, in x.dtype as the official kernel
     return _modulate_reference(y, scale, shift)
 
 
@@ -72,15 +81,12 @@ def layer_norm_modulate_reference(
     shift: torch.Tensor | None = None,  # broadcastable to x, e.g. (B, 1, C); x.dtype
     eps: float = 1e-6,
 ) -> torch.Tensor:  # (..., C), x.dtype
-    """F.layer_norm over the last dim followed by AdaLN modulation."""
-    if weight is not None and weight.dtype != x.dtype:
-        # Mixed dtypes (fp32 affine on a half x): some torch builds refuse them on
-        # CUDA (seen with torch 2.11). Normalising in fp32 and rounding once is what
-        # F.layer_norm does internally for half inputs anyway.
-        y = F.layer_norm(x.float(), (x.shape[-1],), weight.float(), None if bias is None else bias.float(), eps)
-        return _modulate_reference(y.to(x.dtype), scale, shift)
-    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)  # (..., C), x.dtype
-    return _modulate_reference(y, scale, shift)
+    """F.layer_norm over the last dim followed by AdaLN modulation, as under autocast:
+    all in fp32 (``1 + scale`` rounds to scale's dtype), one rounding to x.dtype."""
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    y = F.layer_norm(x.float(), (x.shape[-1],), w, b, eps)  # (..., C) fp32
+    return _modulate_reference(y, scale, shift).to(x.dtype)
 
 
 def _gated_add_reference(x, branch, gate):

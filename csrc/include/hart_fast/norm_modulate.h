@@ -163,11 +163,22 @@ HF_HOST_DEVICE inline float hf_shift_step(float y, float shift) {
   return hf_round_to<S>(hf_add(y, shift));
 }
 
-// Normalised element in fp32 (before rounding to the storage type).
+// The RMSNorm weight as HART's fused rms_norm applies it: the official module
+// casts its weight to x's dtype S and the kernel multiplies the normalised
+// value, already rounded to S, by it, rounding the product to S.  (For fp32
+// both roundings are exact: y * w.)
+template <typename S>
+HF_HOST_DEVICE inline float hf_rms_weight_step(float y_s, float w) {
+  return hf_round_to<S>(hf_mul(y_s, hf_round_to<S>(w)));
+}
+
+// Normalised element of RMSNorm, rounded at the official points: round_S(x *
+// inv), then round_S(. * round_S(w)).  The result is representable in S.
+template <typename S>
 HF_HOST_DEVICE inline float hf_rms_apply(float x, float inv_rms, const float* weight,
                                          int64_t c) {
-  float y = hf_rms_normalize(x, inv_rms);
-  if (weight != nullptr) y = hf_weight_step(y, weight[c]);
+  float y = hf_round_to<S>(hf_rms_normalize(x, inv_rms));
+  if (weight != nullptr) y = hf_rms_weight_step<S>(y, weight[c]);
   return y;
 }
 
@@ -180,8 +191,9 @@ HF_HOST_DEVICE inline float hf_layer_apply(float x, float mean, float rstd,
   return y;
 }
 
-// Rounds the fp32 normalised value to S (the norm's output dtype), then
-// applies the optional modulation steps.  Returns the stored value.
+// RMSNorm's modulation, as HART's blocks evaluate it on a stream in dtype S:
+// rounds the normalised value to S (a no-op after hf_rms_apply), then each of
+// `.mul(1 + scale)` and `.add(shift)` rounds to S.  Returns the stored value.
 // scale_row / shift_row point at the operand row for this x row (or null).
 template <typename S>
 HF_HOST_DEVICE inline S hf_modulate_store(float y, const S* scale_row, const S* shift_row,
@@ -190,6 +202,32 @@ HF_HOST_DEVICE inline S hf_modulate_store(float y, const S* scale_row, const S* 
   if (scale_row != nullptr) y = hf_scale_step<S>(y, hf_load(scale_row[c]));
   if (shift_row != nullptr) y = hf_shift_step<S>(y, hf_load(shift_row[c]));
   return Storage<S>::store(y);
+}
+
+// `.mul(1 + scale)` on a float32 LayerNorm output: `1 + scale` rounds to S
+// (scale's dtype), the product stays float32 (type promotion).
+template <typename S>
+HF_HOST_DEVICE inline float hf_layer_scale_step(float y, float scale) {
+  return hf_mul(y, hf_round_to<S>(hf_add(1.0f, scale)));
+}
+
+// LayerNorm's modulation as the official residual-diffusion MLP runs under
+// autocast: the LayerNorm (an fp32 op there) leaves float32 values, the
+// modulation `y * (1 + scale) + shift` promotes to float32, and the result
+// rounds once to S when it is stored (the next Linear's autocast cast).
+template <typename S>
+HF_HOST_DEVICE inline S hf_layer_modulate_store(float y, const S* scale_row, const S* shift_row,
+                                                int64_t c) {
+  if (scale_row != nullptr) y = hf_layer_scale_step<S>(y, hf_load(scale_row[c]));
+  if (shift_row != nullptr) y = hf_add(y, hf_load(shift_row[c]));
+  return Storage<S>::store(y);
+}
+
+// The stored output of either norm (what the CUDA kernel and the tests call).
+template <typename S, bool kLayer>
+HF_HOST_DEVICE inline S hf_norm_store(float y, const S* scale_row, const S* shift_row, int64_t c) {
+  return kLayer ? hf_layer_modulate_store<S>(y, scale_row, shift_row, c)
+                : hf_modulate_store<S>(y, scale_row, shift_row, c);
 }
 
 }  // namespace hart_fast
