@@ -102,9 +102,8 @@ def ar_stage_times(pipe: HartPipeline, B: int, repeats: int = 5) -> Dict[str, fl
     else:
         tr = pipe.transformer
         trace: dict = {}
-        pipe._run(ctx, mask, guidance_scale=4.5, seed=0, top_k=None, top_p=0.0, more_smooth=False,
-                  residual_diffusion=False, diffusion_steps="8", diffusion_temperature=1.0, residual_latents=None,
-                  token_sampler=None, trace=trace)
+        pipe.generate(ctx, mask, guidance_scale=4.5, seed=0, residual_diffusion=False, output_type="latent",
+                      trace=trace)
         from hart_fast.model.transformer import KVCache
 
         cfg = tr.cfg

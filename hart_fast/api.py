@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from hart_fast.demo import DEMO_DIR, DEMO_NAME
-from hart_fast.pipeline import HartPipeline, is_out_of_memory, parse_dtype, to_pil
+from hart_fast.options import parse_dtype
+from hart_fast.pipeline import HartPipeline, is_out_of_memory, to_pil
 from hart_fast.text_encoder import as_text_encoder
 
 log = logging.getLogger("hart_fast")

@@ -188,7 +188,7 @@ def _count(module) -> int:
 def cmd_info(args) -> int:
     from hart_fast import device
     from hart_fast.api import model_name, resolve_model_path
-    from hart_fast.pipeline import load_models
+    from hart_fast.loading import load_models
 
     path = resolve_model_path(args.model_dir)
     try:

@@ -1,6 +1,7 @@
-"""The fast generation loop: the reference loop's semantics on hart_fast's kernels.
+"""The fast backend of the generation loop: HART's stages on hart_fast's kernels.
 
-What changes against `HartPipeline._run` (the reference), and why:
+The loop itself is hart_fast.generation (shared with the reference backend,
+hart_fast.reference); this module supplies its steps on the fast path:
 
 - Static state per batch size: the KV cache (both CFG halves, the whole
   sequence) and the per-stage input/output buffers are allocated once and reused
@@ -8,14 +9,18 @@ What changes against `HartPipeline._run` (the reference), and why:
 - Per block: fused RMSNorm + AdaLN modulate, each gated residual add fused
   into the norm that follows it (`add_rms_norm_modulate`: the attention
   output's add into the FFN's norm, the FFN output's add into the next block's
-  attention norm; the last block's add is a Triton epilogue), the qkv
+  attention norm; the last block's add is a Triton epilogue on CUDA), the qkv
   projection's epilogue fused with RoPE and the cache append (`qkv_rope_cache`),
-  and attention over the cache (`ms_attention`, or SDPA / flash-attn where the
-  crossover table says they win). RoPE tables are computed once per stage.
+  and attention over the cache by the backend the kernel plan fixed for the
+  stage (hart_fast.kernel_plan: our kernel, SDPA, flash-attn or Triton).  RoPE
+  tables are computed once per call.
 - On CUDA each stage's transformer pass (all blocks + the head) is captured in a
   CUDA graph per batch size and replayed: the small stages are launch-bound.
   Sampling, the VQ glue and the residual diffusion run between the replays, with
   no host synchronisation anywhere in the loop.
+- CFG + top-k in one kernel (`cfg_top_k_filter`), the VQ glue fused
+  (`next_scale_input_fast`), the residual diffusion restructured
+  (`sample_residual_fast`).
 - Memory: the static state of a batch size is large at the real shape (the KV
   cache alone is 2.9 GB at batch 1 in fp16, 23 GB at batch 8).  On CUDA the
   states of every batch size seen are kept (their graphs are worth keeping)
@@ -24,14 +29,12 @@ What changes against `HartPipeline._run` (the reference), and why:
   decode).  On the CPU, where there are no graphs and allocation is cheap, only
   the most recent batch size's state is kept.  `release` frees them on request.
 
-Everything else (CFG ramp, top-k schedule, Gumbel smoothing, the residual
-diffusion) is shared with the reference so the two paths differ only in
-floating-point association (tests compare them).
+Which kernel serves which op is decided once, when the engine is built
+(`self.plan`); an op a kernel does not cover runs its reference, never fails.
 """
 
 from __future__ import annotations
 
-import functools
 import gc
 from typing import Dict, List, Optional, Tuple
 
@@ -39,12 +42,11 @@ import torch
 import torch.nn.functional as F
 
 from hart_fast import ops
+from hart_fast.kernel_plan import KernelPlan
 from hart_fast.model.diffusion_fast import release_graph, sample_residual_fast
-from hart_fast.ops.triton_epilogues import gated_residual
-from hart_fast.ops.vq_glue import next_scale_input_fast
 from hart_fast.model.transformer import AdaLNSelfAttn, FFN, HartTransformer, LlamaMLP
-from hart_fast.pipeline import add_last_scale, cfg_doubled_mask_and_positions, last_scale_tokens, next_stage_input
-from hart_fast.sampling import cfg_combine, cfg_ratio, gumbel_mix, multinomial_sample, official_top_k
+from hart_fast.ops.triton_epilogues import gated_residual, gated_residual_reference
+from hart_fast.ops.vq_glue import next_scale_input_fast
 
 
 class _BlockWeights:
@@ -74,9 +76,10 @@ def _ffn(ffn, h):
 
 
 class StageState:
-    """Static buffers of one batch size: KV cache, stage inputs, RoPE tables, graphs."""
+    """Static buffers of one batch size: KV cache, stage inputs, RoPE tables, graphs,
+    and the attention backend of every stage (fixed by the plan from its shapes)."""
 
-    def __init__(self, tr: HartTransformer, B2: int, device, dtype):
+    def __init__(self, tr: HartTransformer, B2: int, device, dtype, plan: Optional[KernelPlan] = None):
         cfg = tr.cfg
         H, d, S = cfg.num_heads, cfg.head_dim, cfg.total_tokens
         self.k = [torch.empty(B2, H, S, d, device=device, dtype=dtype) for _ in range(cfg.depth)]
@@ -85,6 +88,8 @@ class StageState:
         self.x = [torch.empty(B2, e - s, cfg.embed_dim, device=device, dtype=dtype) for s, e in slices]
         self.cos = [torch.empty(B2, e - s, d, device=device, dtype=torch.float32) for s, e in slices]
         self.sin = [torch.empty(B2, e - s, d, device=device, dtype=torch.float32) for s, e in slices]
+        plan = plan or KernelPlan.for_model(cfg, device, dtype)
+        self.attn_backend = [plan.attention_backend(e - s, B2 * H, e) for s, e in slices]
         self.mods: Optional[List] = None
         self.head_mod: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
@@ -92,23 +97,29 @@ class StageState:
 
 
 class FastEngine:
-    """Runs HART generation for a pipeline with fused kernels and static buffers."""
+    """The fast backend (see hart_fast.generation): fused kernels, static buffers, CUDA graphs."""
 
-    def __init__(self, pipe, use_cuda_graphs: Optional[bool] = None):
-        self.pipe = pipe
-        tr = pipe.transformer
-        self.tr = tr
-        self.blocks = [_BlockWeights(b) for b in tr.blocks]
+    name = "fast"
+
+    def __init__(self, transformer: HartTransformer, tokenizer, use_cuda_graphs: Optional[bool] = None):
+        self.tr, self.tok = transformer, tokenizer
+        w = transformer.word_embed.weight
+        self.device, self.dtype = w.device, w.dtype
+        self.plan = KernelPlan.for_model(transformer.cfg, self.device, self.dtype)
+        self.blocks = [_BlockWeights(b) for b in transformer.blocks]
         self.states: Dict[int, StageState] = {}
-        on_cuda = pipe.device.type == "cuda"
+        on_cuda = self.device.type == "cuda"
         self.use_cuda_graphs = on_cuda if use_cuda_graphs is None else (use_cuda_graphs and on_cuda)
         # Keep the state of every batch size seen (worth it for their graphs), or
         # only the latest one (see the module docstring).
         self.keep_all_states = self.use_cuda_graphs
+        self._st: Optional[StageState] = None
+        # The last block's gated residual add: the Triton epilogue where the plan has it.
+        self._last_add = gated_residual if self.plan.use_triton_epilogue else gated_residual_reference
 
     # -- one transformer pass over a stage ---------------------------------------
     def _block(self, bw: _BlockWeights, x, pending, mod, cos, sin, st: StageState, layer: int, start: int,
-               kv_len: int):
+               kv_len: int, attn_backend: str):
         """One block; returns (x, pending) where pending = (ffn_out, gamma2) is the
         block's last gated residual add, left for the next norm to fuse."""
         if mod is None:
@@ -122,7 +133,7 @@ class FastEngine:
         qkv = F.linear(h, bw.qkv_w, bw.qkv_b)
         # qkv already carries its bias (inside F.linear, as the official code adds it).
         q = ops.qkv_rope_cache(qkv, None, cos, sin, st.k[layer], st.v[layer], start, bw.scale_mul)
-        a = bw.proj(ops.attention(q, st.k[layer], st.v[layer], kv_len, bw.scale))
+        a = bw.proj(ops.attention(q, st.k[layer], st.v[layer], kv_len, bw.scale, backend=attn_backend))
         x, h = ops.add_rms_norm_modulate(x, a, gamma1, bw.norm_w, scale2, shift2, bw.eps)
         return x, (_ffn(bw.ffn, h), gamma2)
 
@@ -130,9 +141,10 @@ class FastEngine:
         start, end = self.tr.stage_slices()[si]
         x, pending = st.x[si], None
         for i, bw in enumerate(self.blocks):
-            x, pending = self._block(bw, x, pending, st.mods[i], st.cos[si], st.sin[si], st, i, start, end)
+            x, pending = self._block(bw, x, pending, st.mods[i], st.cos[si], st.sin[si], st, i, start, end,
+                                     st.attn_backend[si])
         f, gamma2 = pending
-        x = x + f if gamma2 is None else gated_residual(x, gamma2, f)
+        x = x + f if gamma2 is None else self._last_add(x, gamma2, f)
         return x, self.tr.logits(x, st.head_mod)
 
     def _run_stage(self, st: StageState, si: int):
@@ -160,12 +172,12 @@ class FastEngine:
             if not self.keep_all_states:
                 self.states.clear()
             try:
-                st = StageState(self.tr, B2, self.pipe.device, self.pipe.dtype)
+                st = StageState(self.tr, B2, self.device, self.dtype, self.plan)
             except torch.OutOfMemoryError:
                 if not self.release():
                     raise
                 # Other batch sizes' buffers and graphs are freed: once more.
-                st = StageState(self.tr, B2, self.pipe.device, self.pipe.dtype)
+                st = StageState(self.tr, B2, self.device, self.dtype, self.plan)
         self.states[B2] = st  # insertion order = least recently used first
         return st
 
@@ -176,16 +188,16 @@ class FastEngine:
         whether anything was freed; later calls rebuild what they need."""
         dropped = [b for b in self.states if b != keep]
         for b in dropped:
+            if self._st is self.states[b]:
+                self._st = None
             del self.states[b]
         freed = bool(dropped)
         if keep is None:
             freed = release_graph(self.tr.diffloss.net) or freed
-        if freed and self.pipe.device.type == "cuda":
+        if freed and self.device.type == "cuda":
             gc.collect()  # graphs and their pools go with the last reference
             torch.cuda.empty_cache()
         return freed
-
-    # -- the loop ---------------------------------------------------------------
 
     @staticmethod
     def _set_static(dst_list, values):
@@ -203,76 +215,33 @@ class FastEngine:
                 out.append(dst_list[i])
         return out
 
-    def run(self, prompt_embeds, prompt_mask, *, guidance_scale, seed, top_k, top_p, more_smooth,
-            residual_diffusion, diffusion_steps, diffusion_temperature, residual_latents, token_sampler,
-            trace: Optional[dict] = None, diffusion_noise_fn=None):
-        pipe, tr, tok = self.pipe, self.tr, self.pipe.tokenizer
-        cfg = tr.cfg
-        dev, dt = pipe.device, pipe.dtype
-        B, T, _ = prompt_embeds.shape
-        S, P, Cvae = cfg.num_stages, cfg.patch_nums[-1], tok.Cvae
-        codebook_f = tok.quantize.embedding.weight.float()  # (V, Cvae), once per call, not per stage
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        generator = torch.Generator(device=dev).manual_seed(seed)
-
-        context = prompt_embeds.to(dev, dt)
-        mask2, pos2 = cfg_doubled_mask_and_positions(prompt_mask, B, T, dev)
-
-        st = self.state(2 * B)
-        cond = tr.condition(context)
-        mods, head_mod = tr.modulations(cond, mask2)
+    # -- the backend interface (hart_fast.generation) ----------------------------
+    def begin(self, mods, head_mod, pos2):
+        tr = self.tr
+        st = self.state(pos2.shape[0])
         st.mods = self._set_static(st.mods, mods)
         st.head_mod = self._set_static([st.head_mod], [head_mod])[0]
-        for si in range(S):  # RoPE tables of every stage, once per call
+        for si in range(tr.cfg.num_stages):  # RoPE tables of every stage, once per call
             cos, sin = tr.stage_rope(si, pos2)
             st.cos[si].copy_(cos)
             st.sin[si].copy_(sin)
-        lvl_pos = tr.level_embeddings()
-        f_hat = torch.zeros(B, Cvae, P, P, device=dev, dtype=torch.float32)
-        st.x[0].copy_(cond + lvl_pos[:, :T])
+        self._st = st
 
-        for si, pn in enumerate(cfg.patch_nums):
-            last = si == S - 1
-            ratio = cfg_ratio(si, S)
-            t = guidance_scale * ratio
-            h, raw = self._run_stage(st, si)
-            if si == 0:
-                raw = raw[:, -1:]  # the 1x1 map comes from the last context position
-            k = official_top_k(si) if top_k is None else top_k
-            if token_sampler is None:
-                logits = ops.cfg_top_k_filter(raw, t, k, top_p)
-                if trace is not None:
-                    trace[f"stage{si:02d}/logits"] = logits.clone()
-                idx_Bl = multinomial_sample(logits, generator)
-            else:
-                logits = cfg_combine(raw, t)
-                if trace is not None:
-                    trace[f"stage{si:02d}/logits"] = logits.clone()
-                idx_Bl = pipe._sample_codes(si, logits, top_k, top_p, token_sampler, generator)
-            if trace is not None:
-                trace[f"stage{si:02d}/idx"] = idx_Bl.clone()
-            h_BlC = gumbel_mix(logits, ratio, codebook_f, generator) if more_smooth else codebook_f[idx_Bl]
-            if not last:
-                f_hat, x_next = next_stage_input(pipe, si, h_BlC, f_hat, lvl_pos, trace, next_scale_input_fast)
-                st.x[si + 1][:B].copy_(x_next)  # both CFG halves, into the static buffer
-                st.x[si + 1][B:].copy_(x_next)
-                continue
-            sample_fn = functools.partial(_sample_residual, cuda_graph=self.use_cuda_graphs)
-            tokens_BLC = last_scale_tokens(
-                pipe, h, h_BlC, idx_Bl, t, seed, residual_diffusion=residual_diffusion,
-                diffusion_steps=diffusion_steps, diffusion_temperature=diffusion_temperature,
-                residual_latents=residual_latents, trace=trace, diffusion_noise_fn=diffusion_noise_fn,
-                sample_fn=sample_fn,
-            )
-            f_hat = add_last_scale(f_hat, tokens_BLC, trace)
-        if trace is not None:
-            trace["f_hat_final"] = f_hat.clone()
-        return f_hat
+    def stage(self, si, x_2BlC):
+        st = self._st
+        st.x[si].copy_(x_2BlC)  # into the static buffer the graph reads
+        return self._run_stage(st, si)
+
+    @staticmethod
+    def guide(logits_2BlV, t, top_k, top_p):
+        return ops.cfg_top_k_filter(logits_2BlV, t, top_k, top_p)
+
+    def next_scale_input(self, si, f_hat, h_BChw):
+        return next_scale_input_fast(self.tok, si, self.tr.cfg.patch_nums, f_hat, h_BChw)
+
+    def sample_residual(self, net, z, t, sched, *, temperature, x_init_NC, noise_fn):
+        return sample_residual_fast(net, z, t, sched, temperature, x_init_NC, noise_fn,
+                                    cuda_graph=self.use_cuda_graphs)
 
 
-def _sample_residual(net, z, t, sched, *, temperature, x_init_NC, noise_fn, cuda_graph):
-    return sample_residual_fast(net, z, t, sched, temperature, x_init_NC, noise_fn, cuda_graph=cuda_graph)
-
-
-__all__ = ["FastEngine"]
+__all__ = ["FastEngine", "StageState"]

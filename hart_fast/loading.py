@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
@@ -173,3 +174,72 @@ def tokenizer_folder(llm_dir: str, vae_path) -> str:
             "and weights, hart_fast never downloads"
         )
     return path
+
+
+@dataclass
+class ModelInfo:
+    model_dir: str
+    llm_dir: str
+    tokenizer_dir: str
+    weights_file: str
+    used_ema: bool
+
+
+def load_models(model_dir: str, use_ema: Optional[bool] = None):
+    """Build and strictly load (transformer, tokenizer, ModelInfo) on CPU in float32."""
+    from hart_fast.config import TokenizerConfig, TransformerConfig
+    from hart_fast.model.tokenizer import HartTokenizer
+    from hart_fast.model.transformer import HartTransformer
+
+    llm_dir, _ = resolve_folders(model_dir)
+    tcfg = TransformerConfig.from_file(os.path.join(llm_dir, "config.json"))
+    tok_dir = tokenizer_folder(llm_dir, tcfg.vae_path)
+    kcfg = TokenizerConfig.from_file(os.path.join(tok_dir, "config.json"))
+
+    # Tokenizer: keep `vae.*`, drop the discriminator, refuse anything else.
+    tok_raw, tok_file = read_weights(tok_dir)
+    tok_sd, ignored = {}, set()
+    for key, value in tok_raw.items():
+        if key.startswith("vae."):
+            tok_sd[key[len("vae."):]] = value
+        elif key.startswith("disc."):
+            continue
+        else:
+            raise CheckpointError(
+                f"unexpected key '{key}' in {tok_file}: tokenizer keys must start with 'vae.' (or 'disc.')"
+            )
+    with_encoder = any(k.startswith(("encoder.", "quant_conv.")) for k in tok_sd)
+    tokenizer = HartTokenizer(kcfg, with_encoder=with_encoder)
+    ignored.add("quantize.ema_vocab_hit_SV")  # training statistic
+    if kcfg.double_decoder:  # the official loader replaces decoder2 by a copy of decoder; unused here
+        ignored.update(k for k in tok_sd if k.startswith(("decoder2.", "post_quant_conv2.")))
+    load_strict(tokenizer, tok_sd, tok_file, ignored=ignored)
+
+    transformer = HartTransformer(tcfg, Cvae=kcfg.Cvae, vocab_size=kcfg.vocab_size)
+    ema_path = os.path.join(llm_dir, "ema_model.bin")
+    if use_ema is True and not os.path.isfile(ema_path):
+        raise FileNotFoundError(f"use_ema=True but {ema_path} does not exist")
+    used_ema = bool(use_ema is not False and os.path.isfile(ema_path))
+    if used_ema:
+        if not any(os.path.isfile(os.path.join(llm_dir, n)) for n in WEIGHT_FILES):
+            raise CheckpointError(f"no weights found in {llm_dir}: expected one of {', '.join(WEIGHT_FILES)}")
+        llm_sd, llm_file = _load_single(ema_path), ema_path
+    else:
+        llm_sd, llm_file = read_weights(llm_dir)
+    # Persistent buffers of the official module: the training mask is unused at
+    # inference; the level ids and the zero k-bias are checked when present.
+    optional = {"lvl_1L"} | {f"blocks.{i}.attn.zero_k_bias" for i in range(tcfg.depth)}
+    ignored_llm = {"attn_bias_for_masking"}
+    if "attn_bias_for_masking" in llm_sd:
+        n = tcfg.total_tokens
+        if tuple(llm_sd["attn_bias_for_masking"].shape) != (1, 1, n, n):
+            raise CheckpointError(
+                f"shape mismatch for 'attn_bias_for_masking' in {llm_file}: file has "
+                f"{tuple(llm_sd['attn_bias_for_masking'].shape)}, the config implies {(1, 1, n, n)}"
+            )
+    expected_lvl = transformer.lvl_1L.clone()
+    load_strict(transformer, llm_sd, llm_file, ignored=ignored_llm, optional=optional)
+    if not torch.equal(transformer.lvl_1L, expected_lvl):
+        raise CheckpointError(f"'lvl_1L' in {llm_file} does not match the stage layout of patch_nums {tcfg.patch_nums}")
+    info = ModelInfo(os.fspath(model_dir), llm_dir, tok_dir, llm_file, used_ema)
+    return transformer.eval(), tokenizer.eval(), info

@@ -78,8 +78,7 @@ def run(pipe, inputs, outputs, **kw):
                 residual_diffusion=False, diffusion_steps="8", diffusion_temperature=1.0,
                 residual_latents=None, token_sampler=forced_sampler(outputs))
     args.update(kw)
-    run = pipe.engine.run if pipe.fast else pipe._run
-    f_hat = run(inputs["context"], inputs["context_mask"], trace=trace, **args)
+    f_hat = pipe.generate(inputs["context"], inputs["context_mask"], output_type="latent", trace=trace, **args)
     return trace, f_hat
 
 

@@ -35,7 +35,7 @@ def run(pipe, ctx, mask, **kw):
     args = dict(guidance_scale=4.5, seed=0, top_k=None, top_p=0.0, more_smooth=False, residual_diffusion=True,
                 diffusion_steps="4", diffusion_temperature=0.0, residual_latents=None, token_sampler=greedy)
     args.update(kw)
-    f = (pipe.engine.run if pipe.fast else pipe._run)(ctx.to(pipe.device), mask.to(pipe.device), trace=trace, **args)
+    f = pipe.generate(ctx.to(pipe.device), mask.to(pipe.device), output_type="latent", trace=trace, **args)
     return trace, f
 
 
@@ -97,11 +97,11 @@ def test_state_allocation_out_of_memory_frees_other_batch_sizes(cached_two, monk
     real = engine_mod.StageState
     calls = []
 
-    def tight(tr, B2, device, dtype):  # no room while another batch size's state is held
+    def tight(tr, B2, device, dtype, plan=None):  # no room while another batch size's state is held
         calls.append(sorted(fast.engine.states))
         if fast.engine.states:
             raise _oom()
-        return real(tr, B2, device, dtype)
+        return real(tr, B2, device, dtype, plan)
 
     monkeypatch.setattr(engine_mod, "StageState", tight)
     out = fast.generate(ctx, mask, seed=2)

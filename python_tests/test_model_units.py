@@ -173,9 +173,7 @@ def test_cached_loop_equals_block_causal_full_pass(tmp_path, overrides):
     cfg = pipe.config
     ctx, mask = random_prompts(2, cfg.context_token, cfg.context_dim, seed=1)
     trace = {}
-    pipe._run(ctx, mask, guidance_scale=3.0, seed=0, top_k=None, top_p=0.0, more_smooth=False,
-              residual_diffusion=True, diffusion_steps="4", diffusion_temperature=1.0, residual_latents=None,
-              token_sampler=None, trace=trace)
+    pipe.generate(ctx, mask, guidance_scale=3.0, seed=0, diffusion_steps="4", output_type="latent", trace=trace)
     tr = pipe.transformer
     x_full = torch.cat([trace[f"stage{si:02d}/x"] for si in range(cfg.num_stages)], dim=1)
     mask2 = torch.cat((mask, torch.zeros_like(mask)))

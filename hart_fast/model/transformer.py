@@ -286,9 +286,39 @@ class HartTransformer(nn.Module):
         return self.lvl_embed(self.lvl_1L)
 
     def condition(self, context_BTD):
-        """context (B, T, Dctx) -> (cond (2B, T, C)) with the unconditional half all-zero context."""
+        """context (B, T, Dctx) -> (cond (2B, T, C)) with the unconditional half all-zero context.
+
+        As the official sampler: the text encoder's states arrive in float32 and the
+        context norm runs on them in float32 (its weight float32, see
+        FLOAT32_PARAMETERS); context_embed then sees them rounded to its dtype.
+        """
+        context_BTD = context_BTD.float()
         doubled = torch.cat((context_BTD, torch.zeros_like(context_BTD)), dim=0)
-        return self.context_embed(self.context_norm(doubled))
+        return self.context_embed(self.context_norm(doubled).to(self.context_embed.weight.dtype))
+
+    # Parameters the official sampler uses in float32 whatever the autocast dtype
+    # (its weights stay float32 under autocast; these feed float32 math, not a
+    # Linear): the context norm (on the float32 prompt), the head's norm (on
+    # h.float()) and the residual MLP's LayerNorms (float32 ops under autocast).
+    FLOAT32_PARAMETERS = ("context_norm.weight", "head_nm.ln_wo_grad.weight")
+    FLOAT32_MODULE_TYPES = (nn.LayerNorm,)
+
+    def float32_parameters(self) -> List[str]:
+        """Names of the parameters a half-precision run keeps in float32."""
+        names = [n for n, _ in self.named_parameters() if n in self.FLOAT32_PARAMETERS]
+        for mname, m in self.named_modules():
+            if isinstance(m, self.FLOAT32_MODULE_TYPES):
+                names += [f"{mname}.{n}" for n, _ in m.named_parameters(recurse=False)]
+        return names
+
+    def to_run_dtype(self, device, dtype) -> "HartTransformer":
+        """Move to device and cast to dtype, keeping float32_parameters() in float32."""
+        keep = {n: p.detach().float().clone() for n, p in self.named_parameters() if n in self.float32_parameters()}
+        self.to(device, dtype)
+        params = dict(self.named_parameters())
+        for n, v in keep.items():
+            params[n].data = v.to(device)
+        return self
 
     def modulations(self, cond_BTC, mask_BT):
         return [b.modulation(cond_BTC, mask_BT) for b in self.blocks], self.head_nm.modulation(cond_BTC)

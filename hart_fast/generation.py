@@ -1,0 +1,169 @@
+"""HART's generation loop, top to bottom, for any backend.
+
+The loop follows the official `autoregressive_infer_cfg`: condition -> stage 0
+over the context -> one transformer pass per scale (CFG, sample codes, grow
+f_hat, build the next scale's input) -> the last scale (codes plus the residual
+diffusion) -> the decoder's input latent f_hat.
+
+What a backend supplies (the reference one is `hart_fast.reference.ReferenceBackend`,
+the kernel one `hart_fast.engine.FastEngine`):
+
+    begin(mods, head_mod, pos2)        per-call state: KV cache, modulations, RoPE tables
+    stage(si, x_2BlC) -> (h, logits)   one transformer pass over stage si (both CFG halves);
+                                       logits (2B, l, V) float32, before CFG
+    guide(logits, t, top_k, top_p)     CFG combine + top-k / top-p filter: (B, l, V)
+    next_scale_input(si, f_hat, h)     grow f_hat by the stage's code map, area-resize it
+    sample_residual(net, z, t, sched, *, temperature, x_init_NC, noise_fn)
+                                       the residual diffusion of the last scale
+
+Everything else (seeding, the CFG mask and ramp, the top-k schedule, the token
+sampler hook, Gumbel smoothing, embeddings, the trace) is here, once, so both
+backends run the same algorithm and differ only in floating-point association.
+
+A trace (dict) records, on both backends alike: `stageXX/x` (the stage's input,
+both CFG halves), `stageXX/logits` (CFG-combined, before top-k: what a token
+sampler sees), `stageXX/idx`, `stageXX/f_hat`, `stageXX/next_input_latent`,
+`diffusion/z`, `residual`, `final_tokens`, `f_hat_final`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from hart_fast.sampling import cfg_combine, cfg_ratio, gumbel_mix, multinomial_sample, official_top_k
+
+TokenSampler = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def generate_latent(tr, tok, backend, prompt_embeds, prompt_mask, *, guidance_scale, seed, top_k, top_p,
+                    more_smooth, residual_diffusion, schedule, diffusion_temperature, residual_latents,
+                    token_sampler: Optional[TokenSampler], trace: Optional[dict] = None,
+                    diffusion_noise_fn=None) -> torch.Tensor:
+    """The decoder's input latent f_hat (B, Cvae, P, P) float32 for validated inputs.
+
+    tr / tok: the HartTransformer and HartTokenizer (on the run's device and dtype);
+    schedule: the RespacedSchedule of the residual diffusion.
+    """
+    cfg = tr.cfg
+    dev = tr.word_embed.weight.device
+    dt = tr.word_embed.weight.dtype
+    B, T, _ = prompt_embeds.shape
+    S, P, Cvae = cfg.num_stages, cfg.patch_nums[-1], tok.Cvae
+    codebook_f = tok.quantize.embedding.weight.float()                     # (V, Cvae), once per call
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    generator = torch.Generator(device=dev).manual_seed(seed)
+
+    mask2, pos2 = cfg_doubled_mask_and_positions(prompt_mask, B, T, dev)
+    cond_BTC = tr.condition(prompt_embeds.to(dev))                         # (2B, T, C)
+    block_mods, head_mod = tr.modulations(cond_BTC, mask2)
+    backend.begin(block_mods, head_mod, pos2)
+    lvl_pos = tr.level_embeddings()                                        # (1, total, C)
+    slices = tr.stage_slices()
+    f_hat = torch.zeros(B, Cvae, P, P, device=dev, dtype=torch.float32)
+
+    x = cond_BTC + lvl_pos[:, :T]
+    for si, pn in enumerate(cfg.patch_nums):
+        last = si == S - 1
+        ratio = cfg_ratio(si, S)
+        t = guidance_scale * ratio
+        if trace is not None:
+            trace[f"stage{si:02d}/x"] = x.clone()
+        h, raw = backend.stage(si, x)
+        if si == 0:
+            raw = raw[:, -1:]  # the 1x1 map comes from the last context position
+        k = official_top_k(si) if top_k is None else top_k
+        if trace is not None:
+            trace[f"stage{si:02d}/logits"] = cfg_combine(raw, t)
+        if token_sampler is None:
+            logits = backend.guide(raw, t, k, top_p)
+            idx_Bl = multinomial_sample(logits, generator)
+        else:
+            idx_Bl = _call_token_sampler(token_sampler, si, cfg_combine(raw, t))
+            logits = backend.guide(raw, t, k, top_p) if more_smooth else None  # Gumbel sees filtered logits
+        if trace is not None:
+            trace[f"stage{si:02d}/idx"] = idx_Bl.clone()
+        h_BlC = gumbel_mix(logits, ratio, codebook_f, generator) if more_smooth else codebook_f[idx_Bl]
+        if not last:
+            h_BChw = h_BlC.transpose(1, 2).reshape(B, Cvae, pn, pn).to(dt)
+            f_hat, nxt = backend.next_scale_input(si, f_hat, h_BChw)
+            if trace is not None:
+                trace[f"stage{si:02d}/f_hat"] = f_hat.clone()
+                trace[f"stage{si:02d}/next_input_latent"] = nxt.clone()
+            s_next, e_next = slices[si + 1]
+            x = tr.word_embed(nxt.reshape(B, Cvae, -1).transpose(1, 2).to(dt)) + lvl_pos[:, s_next:e_next]
+            x = x.repeat(2, 1, 1)  # both CFG halves see the same next-scale input
+            continue
+        # The last scale: discrete codes plus the continuous residual (no phi).
+        tokens_BLC = h_BlC
+        if residual_diffusion:
+            tokens_BLC = h_BlC + residual_tokens(
+                tr, backend, h, idx_Bl, codebook_f, t, seed, schedule, diffusion_temperature,
+                residual_latents, trace, diffusion_noise_fn,
+            )
+        final = tokens_BLC.transpose(1, 2).reshape(B, Cvae, P, P)
+        if trace is not None:
+            trace["final_tokens"] = final.clone()
+        f_hat = f_hat + final
+    if trace is not None:
+        trace["f_hat_final"] = f_hat.clone()
+    return f_hat
+
+
+def residual_tokens(tr, backend, h_2BLC, idx_BL, codebook_f, t, seed, schedule, temperature, residual_latents,
+                    trace, noise_fn) -> torch.Tensor:
+    """The residual diffusion of the last scale: (B, L, Cvae) float32.
+
+    The MLP is conditioned on decoder_norm(h + word_embed(codebook[idx])) for
+    both CFG halves and guided with the stage's t.  Without noise_fn the noise
+    is drawn on the CPU from seed + 1, so a seed gives the same residual on
+    every device.
+    """
+    B, L = idx_BL.shape
+    dt = tr.word_embed.weight.dtype
+    discrete = tr.word_embed(codebook_f[idx_BL].to(dt))
+    z = tr.decoder_norm(h_2BLC + torch.cat([discrete, discrete], dim=0)).reshape(2 * B * L, -1)
+    if trace is not None:
+        trace["diffusion/z"] = z.clone()
+    x_init = None if residual_latents is None else residual_latents.reshape(B * L, -1)
+    if noise_fn is None:
+        noise_gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+        dev = z.device
+        noise_fn = lambda shape: torch.randn(*shape, generator=noise_gen).to(dev)  # noqa: E731
+    resid = backend.sample_residual(tr.diffloss.net, z, t, schedule, temperature=temperature,
+                                    x_init_NC=x_init, noise_fn=noise_fn)
+    resid = resid.float().view(B, L, -1)
+    if trace is not None:
+        trace["residual"] = resid.clone()
+    return resid
+
+
+def cfg_doubled_mask_and_positions(prompt_mask, B: int, T: int, device):
+    """Mask and position ids of the CFG-doubled batch: (2B, T) bool, (2B, T) int64.
+
+    Position ids are cumsum(mask) - 1; the unconditional half has zero position
+    ids and a mask of zeros except position 0 (the official convention).
+    """
+    mask = (torch.ones(B, T, dtype=torch.bool) if prompt_mask is None else prompt_mask.bool()).to(device)
+    pos = torch.cumsum(mask.long(), dim=1) - 1
+    pos2 = torch.cat((pos, torch.zeros_like(pos)), dim=0)
+    mask2 = torch.cat((mask, torch.zeros_like(mask)), dim=0)
+    mask2[B:, 0] = True
+    return mask2, pos2
+
+
+def _call_token_sampler(token_sampler: TokenSampler, si: int, logits_BlV: torch.Tensor) -> torch.Tensor:
+    """The user's draw for stage si, checked: (B, l) int64 on the logits' device."""
+    idx = token_sampler(si, logits_BlV)
+    B, l, _ = logits_BlV.shape
+    if not isinstance(idx, torch.Tensor) or tuple(idx.shape) != (B, l) or idx.dtype != torch.int64:
+        raise ValueError(
+            f"token_sampler must return an int64 tensor of shape {(B, l)} at stage {si}, got "
+            f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}"
+        )
+    return idx.to(logits_BlV.device)
+
+
+__all__ = ["TokenSampler", "generate_latent", "residual_tokens", "cfg_doubled_mask_and_positions"]
