@@ -111,6 +111,7 @@ def make_grid(images: List, ncols: Optional[int] = None):
 def cmd_generate(args) -> int:
     import hart_fast
     from hart_fast.api import GenerationSettings, iter_generate, load_pipeline, model_name, resolve_model_path
+    from hart_fast.options import validate_options
     from hart_fast.pipeline import to_pil
 
     prompts = _read_prompts(args)
@@ -125,7 +126,11 @@ def cmd_generate(args) -> int:
         use_system_prompt=not args.no_system_prompt,
     )
     count = len(prompts) * args.n
-    names = _plan_outputs(args.out, count, args.grid)
+    try:  # the options that need no model first: a bad one costs no load and writes nothing
+        validate_options(settings.guidance_scale, settings.top_k, settings.top_p, settings.diffusion_steps,
+                         settings.diffusion_temperature, settings.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     model_path = resolve_model_path(args.model)
     name = model_name(model_path)
     print(f"hart-fast: model {name}", file=sys.stderr)
@@ -135,6 +140,7 @@ def cmd_generate(args) -> int:
                               settings.diffusion_temperature, settings.seed)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise UsageError(str(e)) from e
+    names = _plan_outputs(args.out, count, args.grid)  # checked writable before any generation
 
     from tqdm import tqdm
 
@@ -213,6 +219,16 @@ def cmd_info(args) -> int:
         f"tokenizer {_count(tok) / 1e6:.2f}M",
     ]
     lines += device.describe()
+    from hart_fast.kernel_plan import KernelPlan
+
+    from hart_fast.options import parse_dtype
+
+    try:
+        plan = KernelPlan.for_model(c, args.device, parse_dtype(args.dtype))
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(str(e)) from e
+    lines.append(f"fast path on {args.device} {args.dtype}, per op (kernel or fallback, and why):")
+    lines += plan.describe()
     print("\n".join(lines))
     return 0
 
@@ -230,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-n", type=int, default=1, help="images per prompt (default 1)")
     g.add_argument("--batch-size", type=int, default=4, help="images per model batch (default 4)")
     g.add_argument("--seed", type=int, default=0, help="seed of the first batch; batch b uses seed+b (default 0)")
-    g.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
+    g.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale, >= 0 (default 4.5; 0: none)")
     g.add_argument("--top-k", type=int, default=None, help="top-k for every stage (default: official 600/300 schedule)")
     g.add_argument("--top-p", type=float, default=0.0, help="top-p (default 0: off)")
     g.add_argument("--no-more-smooth", action="store_true", help="hard code embeddings instead of Gumbel smoothing")
@@ -244,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     i = sub.add_parser("info", help="describe a model folder and the active kernels")
     i.add_argument("model_dir", nargs="?", default=None, help="HART model folder (default: as for generate)")
+    i.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="the device whose kernel plan to show (default: as for generate)")
+    i.add_argument("--dtype", default=None, help="the dtype whose kernel plan to show (default: as for generate)")
     i.set_defaults(func=cmd_info)
     return p
 
