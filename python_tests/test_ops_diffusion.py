@@ -11,11 +11,14 @@ Tolerances:
   * sample_residual_fast reorganises the MLP's GEMMs (N instead of 2N rows,
     one (1, W) time row, one batched adaLN GEMM) and uses the fused layer norm
     whose row sums are ordered differently, so its MLP outputs differ from the
-    reference by float32 rounding (~1e-6; checked within 1e-5 after the first
-    MLP call).  The first IDDPM step multiplies eps by sqrt(1/alphabar - 1)
+    reference by float32 rounding (checked in ulps after the first MLP call,
+    see MLP_ULPS).  The first IDDPM step multiplies eps by sqrt(1/alphabar - 1)
     ~ 2e4 for elements that escape the x0 clip, which amplifies that rounding
     noise ~2e4x there; hence the sampler outputs use the two-level check of
-    test_conformance.py: >= 99% of elements within 1e-4, all within 2e-2.
+    test_conformance.py (numerics.assert_mostly_close): >= 99% of elements
+    within 1e-4, all within 2e-2.  Those bounds are absolute on purpose: the
+    residual's errors scale with the MLP's O(1) noise prediction, not with the
+    residual's own values (the x0 clip keeps them in [-1, 1]).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from hart_fast.model.diffusion_fast import _ada_cache, mlp_forward_fast, sample_
 from hart_fast.ops import iddpm_step_fused, iddpm_step_fused_reference, schedule_scalars
 from hart_fast.ops.triton_epilogues import gated_residual
 
+from numerics import assert_close_ulps, assert_mostly_close  # noqa: E402
 from tiny_models import REFERENCE_DIR  # noqa: E402
 from triton_interpreter import run_with_triton_interpreter  # noqa: E402
 
@@ -38,11 +42,18 @@ REF_DIR = REFERENCE_DIR
 SCHED = RespacedSchedule.build("8")
 
 
-def two_level(actual, expected, tight=1e-4, frac=0.99, cap=2e-2):
-    err = (actual.float() - expected.float()).abs()
-    within = (err <= tight).float().mean().item()
-    assert within >= frac, f"only {within:.4f} of elements within {tight} (max err {err.max().item():.3g})"
-    assert err.max().item() <= cap, f"max error {err.max().item():.3g} above the cap {cap}"
+# The first MLP call (no IDDPM amplification), in ulps of max|output|: the fast
+# MLP runs its GEMMs with other row counts (N shared rows instead of 2N, one
+# time row, one batched adaLN GEMM), so the BLAS picks other kernels and the
+# width-1024 dot products are associated differently (and differently again on
+# another CPU); the outputs are sums that cancel, hence ulps of their largest
+# magnitude.  Measured <= 4.2 ulps (1e-6 .. 2.3e-6 at |out| <= 4.6); 16 is 4x that
+# and about the old absolute 1e-5 at these magnitudes.
+MLP_ULPS = 16
+
+
+def two_level(actual, expected):
+    assert_mostly_close(actual, expected, tight=1e-4, cap=2e-2, fraction=0.99)
 
 
 def _inputs(n, c, guided, seed=0, device="cpu"):
@@ -209,7 +220,7 @@ def _compare_sampler(net, z, cfg, N, C, noise_rows=None):
         ref_out = net(x_in, torch.full((x_in.shape[0],), t, dtype=torch.long), zz)
         t_row = net.time_embed(torch.full((1,), t, dtype=torch.long))
         got_out = mlp_forward_fast(net, _ada_cache(net), x0, t_row, net.cond_embed(zz), dup=guided)
-        torch.testing.assert_close(got_out, ref_out, atol=1e-5, rtol=0)
+        assert_close_ulps(got_out, ref_out, MLP_ULPS, scale="max")
 
 
 @pytest.mark.parametrize("cfg", [4.5, 1.0])

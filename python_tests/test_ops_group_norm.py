@@ -1,12 +1,14 @@
 """hart_fast.ops.group_norm_silu vs F.group_norm (+ F.silu).
 
-Tolerances: fp32 outputs must match the fp32 reference to 1e-5 (the kernel
-sums the statistics in fp64, torch in fp32: rounding noise only).  fp16 /
-bf16 follow the flash-attention rule: the kernel's error against the
-reference evaluated on fp32-upcast inputs is at most twice the error of the
-reference evaluated in the low precision; and since the kernel rounds where
-the reference rounds (after the norm, after the SiLU) at least 99% of the
-elements must be bitwise equal to the low-precision reference.
+Tolerances (python_tests/numerics.py): fp32 outputs must match the fp32
+reference to 1e-5, absolute and relative (the kernel sums the statistics in
+fp64, torch in fp32: rounding noise only).  fp16 / bf16 follow the
+flash-attention rule: the kernel's error against the reference evaluated on
+fp32-upcast inputs is at most twice the error of the reference evaluated in
+the low precision (plus 8 fp32 ulps of the output's magnitude, for cases where
+that error is ~0); and since the kernel rounds where the reference rounds
+(after the norm, after the SiLU) at least 99% of the elements must be bitwise
+equal to the low-precision reference.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch.nn.functional as F
 
 import hart_fast.ops as ops
 from hart_fast.ops import group_norm_silu, group_norm_silu_reference
+
+from numerics import assert_mostly_equal, assert_within_2x_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CHANNELS = [32, 64, 96, 160]
@@ -60,9 +64,7 @@ def assert_faithful(out, x, w, b, groups=32, silu=True):
         torch.testing.assert_close(out, ref64, atol=1e-5, rtol=1e-5)
         return
     ref32 = group_norm_silu_reference(x.float(), up(w), up(b), groups, EPS, silu)
-    err = (out.float() - ref32).abs().max().item()
-    ref_err = (ref_same.float() - ref32).abs().max().item()
-    assert err <= 2 * ref_err + 1e-6, f"kernel error {err} > 2 x reference error {ref_err}"
+    assert_within_2x_error(out, ref_same, ref32, ulps=8, ulp_dtype=torch.float32)
     if x[0, : x.shape[1] // groups].numel() == 1:
         return  # 1-element groups: torch's fp32 noise (see above) decides the rounding
     if x.device.type == "cuda":
@@ -71,8 +73,7 @@ def assert_faithful(out, x, w, b, groups=32, silu=True):
         # measured on an H200, ~70% bitwise agreement. The 2x-error rule above is
         # the bound that holds on both devices.
         return
-    same = (out == ref_same).float().mean().item()
-    assert same >= 0.99, f"only {same:.4f} of elements bitwise equal to the {x.dtype} reference"
+    assert_mostly_equal(out, ref_same, 0.99)
 
 
 class TestGroupNormSilu:
