@@ -18,10 +18,13 @@ if ! python setup.py build_ext --inplace -q > "$OUT/build.log" 2>&1; then
 fi
 echo "build: $(( $(date +%s) - start )) s"
 
-# CUDA tests (plus the conformance on both paths) with the extension required.
+# CUDA tests (plus the conformance on both paths) with the extension required,
+# selected by marker: python_tests/markers.py marks every test that uses a GPU
+# `cuda` at collection (device parameters, cuda_kernel_device, no-CUDA skips),
+# whatever its name says, and test_conformance.py `conformance`.
 # --maxfail rather than -x: one run should show every failing kernel, not the first.
 start=$(date +%s)
-HART_FAST_REQUIRE_EXTENSION=1 python -m pytest python_tests -q --maxfail=20 -k "cuda or conformance" \
+HART_FAST_REQUIRE_EXTENSION=1 python -m pytest python_tests -q --maxfail=20 -m "cuda or conformance" \
   -p no:cacheprovider > "$OUT/tests.log" 2>&1
 echo "tests: exit $? ($(tail -1 "$OUT/tests.log")) in $(( $(date +%s) - start )) s"
 grep -E "^FAILED|^ERROR" "$OUT/tests.log" | head -20

@@ -1,10 +1,15 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures and markers.
 
 `device` parametrises a test over "cpu" (always) and "cuda" (skipped on
 machines without a GPU; the CUDA kernels are exercised on the GPU device
 machine).  `requires_extension` marks tests of the compiled kernels: they are
 skipped with a reason when hart_fast._C is not built, unless
 HART_FAST_REQUIRE_EXTENSION=1 (CI) turns that into a failure.
+
+Every test that uses a GPU where there is one gets the `cuda` marker, and the
+conformance tests the `conformance` marker, at collection (markers.py): the GPU
+check runs `pytest -m "cuda or conformance"`.  Numerical comparison rules live
+in numerics.py.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import sys
 
 import pytest
 import torch
+
+from markers import apply_markers, register_markers
 
 
 def _use_installed_extension() -> None:
@@ -102,9 +109,11 @@ def cuda_kernel_device(requires_extension) -> str:
 
 
 def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "inductor: compiles with torch.compile's inductor backend (slow on CPU)"
-    )
+    register_markers(config)
+
+
+def pytest_collection_modifyitems(config, items):
+    apply_markers(items)
 
 
 @pytest.fixture(autouse=True, scope="session")

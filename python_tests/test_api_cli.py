@@ -54,8 +54,12 @@ def test_qwen_encoder_matches_direct_hf_forward(tiny_dir):
     assert embeds.dtype == torch.float32 and embeds.shape == (2, 6, TINY_LLM["context_dim"])
     assert torch.equal(mask, m) and mask[1].sum() == 2  # "hi": 2 byte tokens, then padding
     torch.testing.assert_close(embeds, h)
+    # Without the system prompt: the prompt tokens alone through the same model.
     no_sys = QwenTextEncoder(model, tok, max_length=6, use_system_prompt=False)(prompts)[0]
-    assert not torch.allclose(no_sys, embeds)
+    with torch.no_grad():
+        h_no_sys = model(ids, attention_mask=m, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(no_sys, h_no_sys)
+    assert not torch.allclose(no_sys, embeds)  # the system prompt matters
 
 
 def test_long_prompt_truncates_with_warning(tiny_dir):
@@ -168,6 +172,7 @@ def run_cli(args, stdin=""):
         sys.stdin = old
 
 
+@pytest.mark.cuda  # the CLI's default device is the GPU where there is one
 def test_cli_generate_png_with_metadata(tiny_dir, tmp_path, capsys):
     out = tmp_path / "apple.png"
     assert run_cli(["generate", "a red apple", "--model", tiny_dir, "--out", str(out), "--seed", "7", "-q"]) == 0
@@ -175,14 +180,17 @@ def test_cli_generate_png_with_metadata(tiny_dir, tmp_path, capsys):
     meta = json.loads(im.text["hart_fast"])
     assert im.text["prompt"] == "a red apple" and meta["batch_seed"] == 7 and meta["guidance_scale"] == 4.5
     assert meta["more_smooth"] is True and meta["batch_prompts"] == ["a red apple"]
-    # Regenerating from the metadata gives the same pixels.
-    again = hart_fast.generate(meta["batch_prompts"], model=tiny_dir, seed=meta["batch_seed"])[meta["index_in_batch"]]
+    # Regenerating from the metadata (device and dtype included: the CLI's default
+    # device is the GPU where there is one) gives the same pixels.
+    again = hart_fast.generate(meta["batch_prompts"], model=tiny_dir, seed=meta["batch_seed"],
+                               device=meta["device"], dtype=meta["dtype"])[meta["index_in_batch"]]
     import numpy as np
 
     assert np.array_equal(np.asarray(again), np.asarray(im.convert("RGB")))
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".hart-fast")]
 
 
+@pytest.mark.cuda  # default device
 def test_cli_prompts_from_stdin_and_file_folder_output(tiny_dir, tmp_path):
     folder = tmp_path / "imgs"
     assert run_cli(["generate", "--model", tiny_dir, "--out", str(folder), "-n", "2", "-q"], stdin="one\n\ntwo\n") == 0
@@ -267,6 +275,7 @@ def test_cli_info(tiny_dir, capsys):
     assert "depth 2, width 32" in out and "kernels" in out and "parameters" in out
 
 
+@pytest.mark.cuda  # the README's command as is: the GPU where there is one
 def test_python_dash_m_and_console_entry(tmp_path):
     out = tmp_path / "apple.png"
     r = subprocess.run([sys.executable, "-m", "hart_fast", "generate", "a red apple", "--out", str(out), "-q"],
