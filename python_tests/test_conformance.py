@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from hart_fast.pipeline import HartPipeline
 from hart_fast.sampling import cfg_ratio, gumbel_mix, gumbel_softmax
 
+from numerics import assert_mostly_close  # noqa: E402
 from tiny_models import REFERENCE_DIR  # noqa: E402
 
 REF = REFERENCE_DIR
@@ -83,10 +84,9 @@ def run(pipe, inputs, outputs, **kw):
 
 
 def two_level(actual, expected, tight=1e-4, frac=0.99, cap=2e-2):
-    err = (actual.float() - expected.float()).abs()
-    within = (err <= tight).float().mean().item()
-    assert within >= frac, f"only {within:.4f} of elements within {tight} (max err {err.max().item():.3g})"
-    assert err.max().item() <= cap, f"max error {err.max().item():.3g} above the cap {cap}"
+    """The residual's rule (see the module docstring): absolute bounds, as its errors scale
+    with the diffusion MLP's O(1) noise prediction, not with the values compared."""
+    assert_mostly_close(actual, expected, tight=tight, cap=cap, fraction=frac)
 
 
 def test_loads_folders_unchanged(pipe):

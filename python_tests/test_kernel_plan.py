@@ -14,6 +14,7 @@ from hart_fast import cli
 from hart_fast.kernel_plan import KERNEL_HEAD_DIMS, KernelPlan
 from hart_fast.pipeline import HartPipeline
 
+from numerics import assert_close_ulps
 from tiny_models import random_prompts, write_model
 
 D24 = {"embed_dim": 48, "num_heads": 2, "disable_aln": False}  # head dim 24, AdaLN on (the model)
@@ -73,7 +74,7 @@ def test_default_path_runs_head_dim_24_and_matches_the_reference(tmp_path):
     greedy = lambda si, lg: lg.argmax(-1)  # noqa: E731
     a = fast.generate(ctx, mask, token_sampler=greedy, residual_diffusion=False, output_type="latent")
     b = ref.generate(ctx, mask, token_sampler=greedy, residual_diffusion=False, output_type="latent")
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    assert_close_ulps(a, b, 64, scale="max")  # 64 fp32 ulps of the latent's scale: association only
     # The choice was made once, when the engine was built, and every stage uses it.
     st = fast.engine.states[4]
     assert st.attn_backend == ["sdpa"] * fast.config.num_stages
