@@ -313,7 +313,8 @@ class HartTransformer(nn.Module):
 
     def to_run_dtype(self, device, dtype) -> "HartTransformer":
         """Move to device and cast to dtype, keeping float32_parameters() in float32."""
-        keep = {n: p.detach().float().clone() for n, p in self.named_parameters() if n in self.float32_parameters()}
+        names = set(self.float32_parameters())
+        keep = {n: p.detach().float().clone() for n, p in self.named_parameters() if n in names}
         self.to(device, dtype)
         params = dict(self.named_parameters())
         for n, v in keep.items():
