@@ -152,7 +152,7 @@ class Batch:
     index: int
     prompt_indices: List[int]   # per image: index into the prompt list
     repeat_indices: List[int]   # per image: which of the images_per_prompt it is
-    seed: Optional[int]         # the seed this batch was generated with
+    seeds: List[int]            # per image: its seed (the image alone with this seed is the same image)
     images: torch.Tensor        # (n, 3, H, W) float32 in [0, 1], on the CPU
 
 
@@ -190,6 +190,10 @@ def iter_generate(
         encode = load_text_encoder(text_encoder, pipe, settings)
         count = len(prompts)
     jobs = [(i, r) for i in range(count) for r in range(images_per_prompt)]
+    # Image k of a run seeded s has seed s + k whatever the batch size: every image
+    # draws only from its own streams (hart_fast.generation), so it does not depend
+    # on how the run is batched.  No seed: one fresh base seed for the run.
+    base = int(torch.randint(0, 2**62, (1,))) if settings.seed is None else settings.seed
     for b, job in batches(jobs, batch_size):
         rows = [i for i, _ in job]
         if encode is not None:
@@ -197,11 +201,10 @@ def iter_generate(
         else:
             embeds = prompt_embeds[rows]
             mask = None if prompt_mask is None else prompt_mask[rows]
-        # One seed per batch: batch b of a run with seed s is reproduced by seed s + b.
-        seed = None if settings.seed is None else settings.seed + b
+        seeds = [base + b * batch_size + j for j in range(len(job))]
         try:
             out = pipe.generate(
-                embeds, mask, guidance_scale=settings.guidance_scale, seed=seed, top_k=settings.top_k,
+                embeds, mask, guidance_scale=settings.guidance_scale, seed=seeds, top_k=settings.top_k,
                 top_p=settings.top_p, more_smooth=settings.more_smooth,
                 residual_diffusion=settings.residual_diffusion, diffusion_steps=settings.diffusion_steps,
                 diffusion_temperature=settings.diffusion_temperature, output_type="pt",
@@ -213,7 +216,7 @@ def iter_generate(
                     f"try a smaller batch size (for example --batch-size {max(1, len(job) // 2)})"
                 ) from e
             raise
-        yield Batch(b, rows, [r for _, r in job], seed, out.cpu())
+        yield Batch(b, rows, [r for _, r in job], seeds, out.cpu())
 
 
 def generate(
@@ -242,7 +245,8 @@ def generate(
     seed=0, top_k=None (official per-stage schedule), top_p=0.0, more_smooth=True,
     residual_diffusion=True, diffusion_steps=None (the config's, 8),
     diffusion_temperature=1.0, use_system_prompt=True, max_length=None.
-    Prompts are split into batches of `batch_size`; batch b uses seed + b.
+    Image k of the run (prompt-major) uses seed + k, whatever `batch_size`: an
+    image depends on its own prompt, seed and settings only.
     Returns a list of PIL images ("pil", the default) or an (N, 3, H, W) float
     tensor in [0, 1] ("pt"), prompt-major: all images of prompt 0 first. A single
     prompt string with images_per_prompt=1 returns that one image (a PIL image,

@@ -158,13 +158,13 @@ def cmd_generate(args) -> int:
             batch_prompts = [prompts[i] for i in batch.prompt_indices]
             for j, (img, pi) in enumerate(zip(pil, batch.prompt_indices)):
                 k = batch.index * args.batch_size + j
-                meta = {**base, "prompt": prompts[pi], "batch_seed": batch.seed, "index_in_batch": j,
+                meta = {**base, "prompt": prompts[pi], "seed": batch.seeds[j], "index_in_batch": j,
                         "batch_prompts": batch_prompts}
                 text = {
                     "prompt": prompts[pi],
                     "parameters": (
                         f"{prompts[pi]}\nSteps: {settings.diffusion_steps or 'config'}, CFG scale: {settings.guidance_scale}, "
-                        f"Seed: {batch.seed}, Model: {name}, Size: {img.size[0]}x{img.size[1]}"
+                        f"Seed: {batch.seeds[j]}, Model: {name}, Size: {img.size[0]}x{img.size[1]}"
                     ),
                     "hart_fast": json.dumps(meta, sort_keys=True),
                 }
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid", action="store_true", help="write one grid image instead of one file per image")
     g.add_argument("-n", type=int, default=1, help="images per prompt (default 1)")
     g.add_argument("--batch-size", type=int, default=4, help="images per model batch (default 4)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the first batch; batch b uses seed+b (default 0)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k, whatever the batch size (default 0)")
     g.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale, >= 0 (default 4.5; 0: none)")
     g.add_argument("--top-k", type=int, default=None, help="top-k for every stage (default: official 600/300 schedule)")
     g.add_argument("--top-p", type=float, default=0.0, help="top-p (default 0: off)")

@@ -20,6 +20,11 @@ Everything else (seeding, the CFG mask and ramp, the top-k schedule, the token
 sampler hook, Gumbel smoothing, embeddings, the trace) is here, once, so both
 backends run the same algorithm and differ only in floating-point association.
 
+Randomness is per row: row b of a batch draws its codes, its Gumbel noise and its
+residual-diffusion noise only from generators seeded with its own seed
+(`row_seeds`), so an image depends on its prompt, seed and settings, not on
+which other prompts share its batch or where it sits in it.
+
 A trace (dict) records, on both backends alike: `stageXX/x` (the stage's input,
 both CFG halves), `stageXX/logits` (CFG-combined, before top-k: what a token
 sampler sees), `stageXX/idx`, `stageXX/f_hat`, `stageXX/next_input_latent`,
@@ -28,7 +33,7 @@ sampler sees), `stageXX/idx`, `stageXX/f_hat`, `stageXX/next_input_latent`,
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -52,9 +57,8 @@ def generate_latent(tr, tok, backend, prompt_embeds, prompt_mask, *, guidance_sc
     B, T, _ = prompt_embeds.shape
     S, P, Cvae = cfg.num_stages, cfg.patch_nums[-1], tok.Cvae
     codebook_f = tok.quantize.embedding.weight.float()                     # (V, Cvae), once per call
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    generator = torch.Generator(device=dev).manual_seed(seed)
+    seeds = row_seeds(seed, B)
+    generators = [torch.Generator(device=dev).manual_seed(s) for s in seeds]  # one stream per row
 
     mask2, pos2 = cfg_doubled_mask_and_positions(prompt_mask, B, T, dev)
     cond_BTC = tr.condition(prompt_embeds.to(dev))                         # (2B, T, C)
@@ -79,13 +83,13 @@ def generate_latent(tr, tok, backend, prompt_embeds, prompt_mask, *, guidance_sc
             trace[f"stage{si:02d}/logits"] = cfg_combine(raw, t)
         if token_sampler is None:
             logits = backend.guide(raw, t, k, top_p)
-            idx_Bl = multinomial_sample(logits, generator)
+            idx_Bl = multinomial_sample(logits, generators)
         else:
             idx_Bl = _call_token_sampler(token_sampler, si, cfg_combine(raw, t))
             logits = backend.guide(raw, t, k, top_p) if more_smooth else None  # Gumbel sees filtered logits
         if trace is not None:
             trace[f"stage{si:02d}/idx"] = idx_Bl.clone()
-        h_BlC = gumbel_mix(logits, ratio, codebook_f, generator) if more_smooth else codebook_f[idx_Bl]
+        h_BlC = gumbel_mix(logits, ratio, codebook_f, generators) if more_smooth else codebook_f[idx_Bl]
         if not last:
             h_BChw = h_BlC.transpose(1, 2).reshape(B, Cvae, pn, pn).to(dt)
             f_hat, nxt = backend.next_scale_input(si, f_hat, h_BChw)
@@ -100,7 +104,7 @@ def generate_latent(tr, tok, backend, prompt_embeds, prompt_mask, *, guidance_sc
         tokens_BLC = h_BlC
         if residual_diffusion:
             tokens_BLC = h_BlC + residual_tokens(
-                tr, backend, h, idx_Bl, codebook_f, t, seed, schedule, diffusion_temperature,
+                tr, backend, h, idx_Bl, codebook_f, t, seeds, schedule, diffusion_temperature,
                 residual_latents, trace, diffusion_noise_fn,
             )
         final = tokens_BLC.transpose(1, 2).reshape(B, Cvae, P, P)
@@ -112,14 +116,14 @@ def generate_latent(tr, tok, backend, prompt_embeds, prompt_mask, *, guidance_sc
     return f_hat
 
 
-def residual_tokens(tr, backend, h_2BLC, idx_BL, codebook_f, t, seed, schedule, temperature, residual_latents,
+def residual_tokens(tr, backend, h_2BLC, idx_BL, codebook_f, t, seeds, schedule, temperature, residual_latents,
                     trace, noise_fn) -> torch.Tensor:
     """The residual diffusion of the last scale: (B, L, Cvae) float32.
 
     The MLP is conditioned on decoder_norm(h + word_embed(codebook[idx])) for
     both CFG halves and guided with the stage's t.  Without noise_fn the noise
-    is drawn on the CPU from seed + 1, so a seed gives the same residual on
-    every device.
+    is drawn per row on the CPU (`row_noise_fn`), so a seed gives the same
+    residual on every device and in every batch.
     """
     B, L = idx_BL.shape
     dt = tr.word_embed.weight.dtype
@@ -129,15 +133,53 @@ def residual_tokens(tr, backend, h_2BLC, idx_BL, codebook_f, t, seed, schedule, 
         trace["diffusion/z"] = z.clone()
     x_init = None if residual_latents is None else residual_latents.reshape(B * L, -1)
     if noise_fn is None:
-        noise_gen = torch.Generator(device="cpu").manual_seed(seed + 1)
-        dev = z.device
-        noise_fn = lambda shape: torch.randn(*shape, generator=noise_gen).to(dev)  # noqa: E731
+        noise_fn = row_noise_fn(seeds, L, z.device)
     resid = backend.sample_residual(tr.diffloss.net, z, t, schedule, temperature=temperature,
                                     x_init_NC=x_init, noise_fn=noise_fn)
     resid = resid.float().view(B, L, -1)
     if trace is not None:
         trace["residual"] = resid.clone()
     return resid
+
+
+def row_seeds(seed: Union[int, Sequence[int], None], B: int) -> List[int]:
+    """The seed of every row: an int s gives s, s + 1, ..., s + B - 1 (row b of a
+    batch seeded s is the image seeded s + b alone); a sequence gives one per row;
+    None draws fresh ones."""
+    if seed is None:
+        return [int(v) for v in torch.randint(0, 2**62, (B,))]
+    if isinstance(seed, int):
+        return [seed + b for b in range(B)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != B:
+        raise ValueError(f"seed: expected one seed per row ({B}), got {len(seeds)}")
+    return seeds
+
+
+def _diffusion_seed(seed: int) -> int:
+    """The residual-diffusion stream of a row: a different stream than its token
+    sampling (and than the next row's), from the same seed."""
+    return (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**63
+
+
+def row_noise_fn(seeds: Sequence[int], L: int, device):
+    """noise_fn for the residual sampler with one CPU stream per row.
+
+    The sampler asks for (k * B * L, C) draws (k = 1 or 2, see
+    hart_fast.model.diffusion.sample_residual) of which it only ever reads the
+    first B * L rows, the conditional half: row b's L tokens draw from row b's
+    own generator; the unread rows are zeros (nothing drawn for them).
+    """
+    gens = [torch.Generator(device="cpu").manual_seed(_diffusion_seed(s)) for s in seeds]
+    B = len(gens)
+
+    def draw(shape):
+        rows, C = shape
+        cond = torch.cat([torch.randn(L, C, generator=g) for g in gens])
+        out = cond if rows == B * L else torch.cat([cond, torch.zeros(rows - B * L, C)])
+        return out.to(device)
+
+    return draw
 
 
 def cfg_doubled_mask_and_positions(prompt_mask, B: int, T: int, device):
@@ -166,4 +208,5 @@ def _call_token_sampler(token_sampler: TokenSampler, si: int, logits_BlV: torch.
     return idx.to(logits_BlV.device)
 
 
-__all__ = ["TokenSampler", "generate_latent", "residual_tokens", "cfg_doubled_mask_and_positions"]
+__all__ = ["TokenSampler", "generate_latent", "residual_tokens", "row_seeds", "row_noise_fn",
+           "cfg_doubled_mask_and_positions"]

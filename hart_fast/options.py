@@ -67,12 +67,17 @@ def validate_options(guidance_scale=4.5, top_k=None, top_p=0.0, diffusion_steps=
         if diffusion_steps > 1000:
             raise ValueError(f"diffusion_steps must be <= 1000 (the trained schedule), got {diffusion_steps}")
     check_number("diffusion_temperature", diffusion_temperature, float, lo=0)
-    if seed is not None:
+    if isinstance(seed, (list, tuple)):
+        if not seed:
+            raise ValueError("seed: an empty list of seeds")
+        for i, s in enumerate(seed):
+            check_number(f"seed[{i}]", s, int, lo=0)
+    elif seed is not None:
         check_number("seed", seed, int, lo=0)
 
 
-def validate_inputs(cfg, Cvae: int, prompt_embeds, prompt_mask, residual_latents, output_type) -> None:
-    """Raise ValueError unless the tensors fit the model (cfg: its TransformerConfig)."""
+def validate_inputs(cfg, Cvae: int, prompt_embeds, prompt_mask, residual_latents, output_type, seed=None) -> None:
+    """Raise ValueError unless the tensors (and a per-row seed list) fit the model (cfg: its TransformerConfig)."""
     if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3:
         raise ValueError(
             "prompt_embeds must be a tensor of shape (B, context_token, context_dim), got "
@@ -96,6 +101,8 @@ def validate_inputs(cfg, Cvae: int, prompt_embeds, prompt_mask, residual_latents
             )
         if prompt_mask.dtype != torch.bool and prompt_mask.dtype.is_floating_point:
             raise ValueError(f"prompt_mask must be bool (or 0/1 integers), got {prompt_mask.dtype}")
+    if isinstance(seed, (list, tuple)) and len(seed) != B:
+        raise ValueError(f"seed: got {len(seed)} seeds for a batch of {B} (one per row, or one int)")
     if output_type not in ("pt", "pil", "latent"):
         raise ValueError(f"output_type must be 'pt', 'pil' or 'latent', got {output_type!r}")
     if residual_latents is not None:

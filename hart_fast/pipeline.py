@@ -9,7 +9,7 @@ Loading the official folders is hart_fast.loading.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 
@@ -115,7 +115,7 @@ class HartPipeline:
         prompt_embeds: torch.Tensor,
         prompt_mask: Optional[torch.Tensor] = None,
         guidance_scale: float = 4.5,
-        seed: Optional[int] = 0,
+        seed: Union[int, Sequence[int], None] = 0,
         top_k: Optional[int] = None,
         top_p: float = 0.0,
         more_smooth: bool = False,
@@ -133,7 +133,9 @@ class HartPipeline:
 
         prompt_embeds (B, context_token, context_dim); prompt_mask (B, context_token)
         bool, True for real tokens (None = all real); position ids are
-        cumsum(mask) - 1. guidance_scale >= 0 (0: no guidance). top_k None follows
+        cumsum(mask) - 1. seed: an int s seeds row b with s + b, a list one seed per
+        row, None fresh ones; each row draws only from its own streams, so an image
+        does not depend on the rest of its batch. guidance_scale >= 0 (0: no guidance). top_k None follows
         the official schedule (600 for stages 0-6, 300 after); an int applies to
         every stage (0 = off). diffusion_steps None uses the config's
         `num_sampling_steps`. token_sampler(stage, logits (B, l, V) float32 after
@@ -146,7 +148,8 @@ class HartPipeline:
         """
         if diffusion_steps is None:
             diffusion_steps = self.config.num_sampling_steps
-        validate_inputs(self.config, self.tokenizer.Cvae, prompt_embeds, prompt_mask, residual_latents, output_type)
+        validate_inputs(self.config, self.tokenizer.Cvae, prompt_embeds, prompt_mask, residual_latents, output_type,
+                        seed)
         self.validate_options(guidance_scale, top_k, top_p, diffusion_steps, diffusion_temperature, seed)
 
         def run():

@@ -3,7 +3,7 @@ and the `more_smooth` Gumbel-softmax code mixture (official semantics)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -42,19 +42,32 @@ def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> t
     return logits_BlV
 
 
-def multinomial_sample(logits_BlV: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """One draw per position from softmax(logits): (B, l) int64. No host synchronisation."""
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def multinomial_sample(logits_BlV: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """One draw per position from softmax(logits): (B, l) int64. No host synchronisation.
+
+    generator: one for the whole batch, or one per row (row b draws only from
+    generator[b], so its codes do not depend on the other rows).
+    """
     B, l, V = logits_BlV.shape
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([multinomial_sample(logits_BlV[b:b + 1], g) for b, g in enumerate(generator)])
     probs = logits_BlV.softmax(dim=-1).view(-1, V)
     return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, l)
 
 
-def gumbel_softmax(logits: torch.Tensor, tau: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Soft Gumbel-softmax sample over the last dim, noise = -log(Exp(1)) from `generator`."""
-    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(
-        generator=generator
-    ).log()
-    return ((logits + gumbels) / tau).softmax(-1)
+def gumbel_softmax(logits: torch.Tensor, tau: float, generator: Generators) -> torch.Tensor:
+    """Soft Gumbel-softmax sample over the last dim, noise = -log(Exp(1)) from `generator`
+    (one, or one per row of the leading dim)."""
+    noise = torch.empty_like(logits, memory_format=torch.legacy_contiguous_format)
+    if isinstance(generator, (list, tuple)):
+        for b, g in enumerate(generator):
+            noise[b].exponential_(generator=g)
+    else:
+        noise.exponential_(generator=generator)
+    return ((logits - noise.log()) / tau).softmax(-1)
 
 
 def gumbel_mix(logits_BlV, ratio: float, codebook_VC, generator) -> torch.Tensor:

@@ -115,12 +115,19 @@ def test_callable_encoder_and_prompt_embeds_agree(tiny_dir):
     assert torch.equal(a, b)
 
 
-def test_batches_use_seed_plus_index(tiny_dir):
+def test_image_k_uses_seed_plus_k_whatever_the_batch_size(tiny_dir):
     prompts = ["p0", "p1", "p2", "p3", "p4"]
     all_ = hart_fast.generate(prompts, model=tiny_dir, batch_size=2, seed=10, output_type="pt")
     assert all_.shape[0] == 5
-    second = hart_fast.generate(prompts[2:4], model=tiny_dir, batch_size=2, seed=11, output_type="pt")
-    assert torch.equal(all_[2:4], second)
+    # Same images whatever the batching, up to float rounding (GEMMs over another row
+    # count round differently; test_generate checks the codes are the same exactly).
+    from numerics import assert_mostly_close
+
+    again = hart_fast.generate(prompts, model=tiny_dir, batch_size=5, seed=10, output_type="pt")
+    assert_mostly_close(again, all_, tight=1e-4, cap=2e-2)  # images lie in [0, 1]
+    second = hart_fast.generate(prompts[2:4], model=tiny_dir, batch_size=1, seed=12, output_type="pt")
+    assert_mostly_close(second, all_[2:4], tight=1e-4, cap=2e-2)
+    assert not torch.allclose(all_[2], all_[3], atol=1e-2)  # different seeds, different images
     n2 = hart_fast.generate(["p0", "p1"], model=tiny_dir, images_per_prompt=2, batch_size=8, output_type="pt")
     assert n2.shape[0] == 4 and not torch.equal(n2[0], n2[1])  # same prompt, different samples
 
@@ -178,12 +185,12 @@ def test_cli_generate_png_with_metadata(tiny_dir, tmp_path, capsys):
     assert run_cli(["generate", "a red apple", "--model", tiny_dir, "--out", str(out), "--seed", "7", "-q"]) == 0
     im = Image.open(out)
     meta = json.loads(im.text["hart_fast"])
-    assert im.text["prompt"] == "a red apple" and meta["batch_seed"] == 7 and meta["guidance_scale"] == 4.5
+    assert im.text["prompt"] == "a red apple" and meta["seed"] == 7 and meta["guidance_scale"] == 4.5
     assert meta["more_smooth"] is True and meta["batch_prompts"] == ["a red apple"]
-    # Regenerating from the metadata (device and dtype included: the CLI's default
-    # device is the GPU where there is one) gives the same pixels.
-    again = hart_fast.generate(meta["batch_prompts"], model=tiny_dir, seed=meta["batch_seed"],
-                               device=meta["device"], dtype=meta["dtype"])[meta["index_in_batch"]]
+    # Regenerating the image alone from its metadata (device and dtype included: the
+    # CLI's default device is the GPU where there is one) gives the same pixels.
+    again = hart_fast.generate(meta["prompt"], model=tiny_dir, seed=meta["seed"],
+                               device=meta["device"], dtype=meta["dtype"])
     import numpy as np
 
     assert np.array_equal(np.asarray(again), np.asarray(im.convert("RGB")))
