@@ -95,6 +95,19 @@ def save_png(image, path: str, text: dict) -> None:
         raise
 
 
+def png_text(prompt: str, meta: dict, settings: dict, model_label: str, size) -> dict:
+    """The PNG text chunks of an image: its prompt, an A1111-style `parameters`
+    line, and `hart_fast`, every setting as JSON (enough to regenerate it)."""
+    return {
+        "prompt": prompt,
+        "parameters": (
+            f"{prompt}\nSteps: {settings.get('diffusion_steps') or 'config'}, CFG scale: "
+            f"{settings['guidance_scale']}, Seed: {settings['seed']}, Model: {model_label}, Size: {size[0]}x{size[1]}"
+        ),
+        "hart_fast": json.dumps(meta, sort_keys=True),
+    }
+
+
 def make_grid(images: List, ncols: Optional[int] = None):
     from PIL import Image
 
@@ -110,7 +123,7 @@ def make_grid(images: List, ncols: Optional[int] = None):
 
 def cmd_generate(args) -> int:
     import hart_fast
-    from hart_fast.api import GenerationSettings, iter_generate, load_pipeline, model_name, resolve_model_path
+    from hart_fast.api import iter_generate, load_pipeline, model_name, resolve_model_path
     from hart_fast.options import validate_options
     from hart_fast.pipeline import to_pil
 
@@ -119,12 +132,7 @@ def cmd_generate(args) -> int:
         raise UsageError(f"-n must be >= 1, got {args.n}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    settings = GenerationSettings(
-        guidance_scale=args.cfg, seed=args.seed, top_k=args.top_k, top_p=args.top_p,
-        more_smooth=not args.no_more_smooth, residual_diffusion=not args.no_residual,
-        diffusion_steps=args.diffusion_steps, diffusion_temperature=args.diffusion_temperature,
-        use_system_prompt=not args.no_system_prompt,
-    )
+    settings = _settings_from_args(args)
     count = len(prompts) * args.n
     try:  # the options that need no model first: a bad one costs no load and writes nothing
         validate_options(settings.guidance_scale, settings.top_k, settings.top_p, settings.diffusion_steps,
@@ -160,14 +168,7 @@ def cmd_generate(args) -> int:
                 k = batch.index * args.batch_size + j
                 meta = {**base, "prompt": prompts[pi], "seed": batch.seeds[j], "index_in_batch": j,
                         "batch_prompts": batch_prompts}
-                text = {
-                    "prompt": prompts[pi],
-                    "parameters": (
-                        f"{prompts[pi]}\nSteps: {settings.diffusion_steps or 'config'}, CFG scale: {settings.guidance_scale}, "
-                        f"Seed: {batch.seeds[j]}, Model: {name}, Size: {img.size[0]}x{img.size[1]}"
-                    ),
-                    "hart_fast": json.dumps(meta, sort_keys=True),
-                }
+                text = png_text(prompts[pi], meta, meta, name, img.size)
                 if args.grid:
                     grid_images.append(img)
                 else:
@@ -184,6 +185,48 @@ def cmd_generate(args) -> int:
         written.append(names[0])
     for path in written:
         print(path)
+    return 0
+
+
+def _settings_from_args(args):
+    from hart_fast.api import GenerationSettings
+
+    return GenerationSettings(
+        guidance_scale=args.cfg, seed=args.seed, top_k=args.top_k, top_p=args.top_p,
+        more_smooth=not args.no_more_smooth, residual_diffusion=not args.no_residual,
+        diffusion_steps=args.diffusion_steps, diffusion_temperature=args.diffusion_temperature,
+        use_system_prompt=not args.no_system_prompt,
+    )
+
+
+def cmd_batch(args) -> int:
+    from tqdm import tqdm
+
+    from hart_fast.api import model_name, resolve_model_path
+    from hart_fast.batch import PromptFileError, run_batch
+
+    print(f"hart-fast: model {model_name(resolve_model_path(args.model))}", file=sys.stderr)
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="image", desc="batch", file=sys.stderr, disable=args.quiet)
+        bar.n = done
+        bar.refresh()
+
+    try:
+        res = run_batch(args.prompts_file, args.out, model=args.model, text_encoder=args.text_encoder,
+                        device=args.device, dtype=args.dtype, batch_size=args.batch_size, seed=args.seed,
+                        images_per_prompt=args.n, settings=_settings_from_args(args), resume=not args.no_resume,
+                        progress=progress)
+    except (PromptFileError, ValueError, FileNotFoundError, RuntimeError) as e:
+        raise UsageError(str(e)) from e
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"hart-fast: {len(res.written)} images written, {len(res.skipped)} already done; "
+          f"manifest {res.manifest}", file=sys.stderr)
     return 0
 
 
@@ -233,16 +276,10 @@ def cmd_info(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hart-fast", description="Fast, faithful HART text-to-image generation.")
-    sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate images from prompts")
-    g.add_argument("prompts", nargs="*", help="prompts; '-' reads one per line from stdin")
-    g.add_argument("--file", "-f", help="read prompts from a file, one per line")
+def _add_model_and_sampling_args(g) -> None:
+    """The options generate and batch share: model, sampling, device."""
     g.add_argument("--model", help="HART model folder (default: $HART_FAST_MODEL, else the embedded demo model)")
     g.add_argument("--text-encoder", help="Qwen2 text encoder folder (default: $HART_FAST_TEXT_ENCODER or the model's own)")
-    g.add_argument("--out", "-o", default="outputs", help="output folder, or a .png file name (default: outputs/)")
-    g.add_argument("--grid", action="store_true", help="write one grid image instead of one file per image")
     g.add_argument("-n", type=int, default=1, help="images per prompt (default 1)")
     g.add_argument("--batch-size", type=int, default=4, help="images per model batch (default 4)")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k, whatever the batch size (default 0)")
@@ -257,7 +294,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, float32 on CPU)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hart-fast", description="Fast, faithful HART text-to-image generation.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate images from prompts")
+    g.add_argument("prompts", nargs="*", help="prompts; '-' reads one per line from stdin")
+    g.add_argument("--file", "-f", help="read prompts from a file, one per line")
+    g.add_argument("--out", "-o", default="outputs", help="output folder, or a .png file name (default: outputs/)")
+    g.add_argument("--grid", action="store_true", help="write one grid image instead of one file per image")
+    _add_model_and_sampling_args(g)
     g.set_defaults(func=cmd_generate)
+    b = sub.add_parser("batch", help="generate a prompt file (.txt, .jsonl, .parquet) into a folder, resumably")
+    b.add_argument("prompts_file", help=".txt (one prompt per line), .jsonl or .parquet (prompt, seed, n, settings)")
+    b.add_argument("--out", "-o", required=True, help="output folder: PNGs and manifest.jsonl")
+    b.add_argument("--no-resume", action="store_true", help="refuse a folder that already holds a manifest")
+    _add_model_and_sampling_args(b)
+    b.set_defaults(func=cmd_batch)
     i = sub.add_parser("info", help="describe a model folder and the active kernels")
     i.add_argument("model_dir", nargs="?", default=None, help="HART model folder (default: as for generate)")
     i.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

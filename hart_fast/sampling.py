@@ -3,7 +3,7 @@ and the `more_smooth` Gumbel-softmax code mixture (official semantics)."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
