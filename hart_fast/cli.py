@@ -219,13 +219,13 @@ def cmd_batch(args) -> int:
         res = run_batch(args.prompts_file, args.out, model=args.model, text_encoder=args.text_encoder,
                         device=args.device, dtype=args.dtype, batch_size=args.batch_size, seed=args.seed,
                         images_per_prompt=args.n, settings=_settings_from_args(args), resume=not args.no_resume,
-                        progress=progress)
+                        ray=args.ray, workers=args.workers, progress=progress)
     except (PromptFileError, ValueError, FileNotFoundError, RuntimeError) as e:
         raise UsageError(str(e)) from e
     finally:
         if bar is not None:
             bar.close()
-    print(f"hart-fast: {len(res.written)} images written, {len(res.skipped)} already done; "
+    print(f"hart-fast: {len(res.written)} images written, {len(res.skipped)} already done ({res.runner}); "
           f"manifest {res.manifest}", file=sys.stderr)
     return 0
 
@@ -309,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("batch", help="generate a prompt file (.txt, .jsonl, .parquet) into a folder, resumably")
     b.add_argument("prompts_file", help=".txt (one prompt per line), .jsonl or .parquet (prompt, seed, n, settings)")
     b.add_argument("--out", "-o", required=True, help="output folder: PNGs and manifest.jsonl")
+    b.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                   help="run on Ray actors: 'auto' joins a running cluster or starts a local one; "
+                        "ADDRESS joins that cluster (default: in this process)")
+    b.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, else 2)")
     b.add_argument("--no-resume", action="store_true", help="refuse a folder that already holds a manifest")
     _add_model_and_sampling_args(b)
     b.set_defaults(func=cmd_batch)

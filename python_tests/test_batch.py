@@ -126,3 +126,81 @@ def test_cli_batch_and_its_errors(model, tmp_path, capsys):
     finally:
         sys.stdin = old
 
+
+
+# ---------------------------------------------------------------------------------
+# On Ray (a local cluster, shared by these tests: starting one costs ~5 s)
+# ---------------------------------------------------------------------------------
+def _hashes(out):
+    import hashlib
+
+    recs = [json.loads(line) for line in open(os.path.join(out, "manifest.jsonl"))]
+    return {r["index"]: (r["seed"], hashlib.sha256(open(os.path.join(out, r["file"]), "rb").read()).hexdigest())
+            for r in recs}, [r["index"] for r in recs]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray  # the `ray` extra, part of `all` (the README's install): a missing Ray fails, never skips
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_matches_one_worker_and_in_process(model, tmp_path, ray_cluster):
+    prompts = _write(tmp_path, "p.txt", "\n".join(f"prompt number {i}" for i in range(10)))
+    runs = {}
+    for name, kw in (("two", dict(ray="auto", workers=2)), ("one", dict(ray="auto", workers=1))):
+        res = run_batch(prompts, str(tmp_path / name), model=model, seed=7, batch_size=2, **kw)
+        assert res.runner.startswith("ray") and sorted(res.written) == list(range(10))
+        runs[name] = _hashes(str(tmp_path / name))
+    assert runs["two"][0] == runs["one"][0]  # the same images whatever the number of workers
+    assert sorted(runs["two"][1]) == list(range(10))  # each image once, in whatever order it finished
+
+
+def test_ray_killed_worker_redoes_its_batch_and_resume_gives_the_same_manifest(model, tmp_path, ray_cluster,
+                                                                               monkeypatch):
+    prompts = _write(tmp_path, "p.txt", "\n".join(f"p{i}" for i in range(8)))
+    clean = str(tmp_path / "clean")
+    run_batch(prompts, clean, model=model, seed=1, batch_size=2, ray="auto", workers=2)
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("HART_FAST_BATCH_KILL", f"5:{marker}")
+    out = str(tmp_path / "o")
+    res = run_batch(prompts, out, model=model, seed=1, batch_size=2, ray="auto", workers=2)
+    assert marker.exists(), "the worker was not killed"
+    assert sorted(res.written) == list(range(8))
+    killed = _hashes(out)
+    assert sorted(killed[1]) == list(range(8))  # none lost, none written twice
+    assert killed[0] == _hashes(clean)[0]
+    # Killed halfway (half the manifest and one PNG gone), then resumed on Ray.
+    monkeypatch.delenv("HART_FAST_BATCH_KILL")
+    manifest = os.path.join(out, "manifest.jsonl")
+    lines = open(manifest).read().splitlines(keepends=True)
+    open(manifest, "w").write("".join(lines[:4]))
+    os.remove(os.path.join(out, json.loads(lines[0])["file"]))
+    again = run_batch(prompts, out, model=model, seed=1, batch_size=2, ray="auto", workers=2)
+    assert len(again.skipped) == 3 and len(again.written) == 5
+    assert _hashes(out)[0] == _hashes(clean)[0]
+
+
+def test_without_ray_the_batch_runs_in_process_and_says_so(model, tmp_path, monkeypatch, caplog):
+    import hart_fast.batch_ray as batch_ray
+
+    monkeypatch.setattr(batch_ray, "ray_available", lambda: False)
+    prompts = _write(tmp_path, "p.txt", "a\nb\n")
+    with caplog.at_level("WARNING", logger="hart_fast"):
+        res = run_batch(prompts, str(tmp_path / "o"), model=model, ray="auto")
+    assert res.written == [0, 1] and "Ray is not installed" in res.runner
+    assert "Ray is not installed" in caplog.text
+
+
+def test_parquet_prompt_file(tmp_path):
+    import pyarrow as pa  # brought by the `ray` extra (ray[data])
+    import pyarrow.parquet as pq
+
+    path = str(tmp_path / "p.parquet")
+    pq.write_table(pa.table({"prompt": ["a", "b"], "seed": [3, None], "n": [2, 1]}), path)
+    assert read_prompt_rows(path) == [{"prompt": "a", "seed": 3, "n": 2}, {"prompt": "b", "n": 1}]
+    assert [it.seed for it in expand(read_prompt_rows(path), seed=10)] == [3, 4, 12]
