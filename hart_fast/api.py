@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from hart_fast.demo import DEMO_DIR, DEMO_NAME
-from hart_fast.options import parse_dtype
+from hart_fast.options import MAX_SEED, parse_dtype
 from hart_fast.pipeline import HartPipeline, is_out_of_memory, to_pil
 from hart_fast.text_encoder import as_text_encoder
 
@@ -193,7 +193,12 @@ def iter_generate(
     # Image k of a run seeded s has seed s + k whatever the batch size: every image
     # draws only from its own streams (hart_fast.generation), so it does not depend
     # on how the run is batched.  No seed: one fresh base seed for the run.
+    if settings.seed is not None and (isinstance(settings.seed, bool) or not isinstance(settings.seed, int)):
+        raise ValueError(f"seed must be an integer >= 0 (image k uses seed + k) or None, got {settings.seed!r}; "
+                         "one seed per row is an option of HartPipeline.generate")
     base = int(torch.randint(0, 2**62, (1,))) if settings.seed is None else settings.seed
+    if base + len(jobs) - 1 > MAX_SEED:
+        raise ValueError(f"seed must be <= {MAX_SEED - len(jobs) + 1} for {len(jobs)} images (image k uses seed + k)")
     for b, job in batches(jobs, batch_size):
         rows = [i for i, _ in job]
         if encode is not None:

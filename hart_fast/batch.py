@@ -276,6 +276,11 @@ def run_batch(prompts_path: str, out_dir: str, *, model=None, text_encoder=None,
     base = settings or GenerationSettings()
     rows = read_prompt_rows(prompts_path)
     items = expand(rows, seed, images_per_prompt)
+    from hart_fast.options import MAX_SEED
+
+    worst = max(items, key=lambda it: it.seed)
+    if worst.seed > MAX_SEED:
+        raise PromptFileError(f"{prompts_path}: image {worst.index} would have seed {worst.seed} > {MAX_SEED}")
     for group in {it.settings for it in items}:  # every setting checked before any work
         s = _settings_for(base, WorkItem(0, "", 0, group))
         try:

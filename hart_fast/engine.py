@@ -116,6 +116,7 @@ class FastEngine:
         self._st: Optional[StageState] = None
         # The last block's gated residual add: the Triton epilogue where the plan has it.
         self._last_add = gated_residual if self.plan.use_triton_epilogue else gated_residual_reference
+        self._qkv_rope_cache = ops.qkv_rope_cache if self.plan.use_compiled_qkv else ops.qkv_rope_cache_reference
 
     # -- one transformer pass over a stage ---------------------------------------
     def _block(self, bw: _BlockWeights, x, pending, mod, cos, sin, st: StageState, layer: int, start: int,
@@ -132,7 +133,7 @@ class FastEngine:
             x, h = ops.add_rms_norm_modulate(x, pending[0], pending[1], bw.norm_w, scale1, shift1, bw.eps)
         qkv = F.linear(h, bw.qkv_w, bw.qkv_b)
         # qkv already carries its bias (inside F.linear, as the official code adds it).
-        q = ops.qkv_rope_cache(qkv, None, cos, sin, st.k[layer], st.v[layer], start, bw.scale_mul)
+        q = self._qkv_rope_cache(qkv, None, cos, sin, st.k[layer], st.v[layer], start, bw.scale_mul)
         a = bw.proj(ops.attention(q, st.k[layer], st.v[layer], kv_len, bw.scale, backend=attn_backend))
         x, h = ops.add_rms_norm_modulate(x, a, gamma1, bw.norm_w, scale2, shift2, bw.eps)
         return x, (_ffn(bw.ffn, h), gamma2)

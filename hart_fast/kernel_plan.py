@@ -24,6 +24,8 @@ attn_ops = importlib.import_module("hart_fast.ops.attention")
 
 # Head dims our attention kernels (C++ and CUDA) are instantiated for.
 KERNEL_HEAD_DIMS = (16, 32, 64, 128)
+# The CUDA qkv_rope_cache kernel's largest head dim (a warp holds a row; the C++ one has no limit).
+MAX_CUDA_ROPE_HEAD_DIM = 128
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,13 @@ class KernelPlan:
         self.device, self.dtype, self.head_dim = torch.device(device), dtype, head_dim
         no_ext = _extension_reason(self.device)
         kernel = Choice("kernel", "compiled kernel") if no_ext is None else Choice("reference", no_ext, True)
+        qkv = kernel
+        if no_ext is None and self.device.type == "cuda" and head_dim > MAX_CUDA_ROPE_HEAD_DIM:
+            qkv = Choice("reference", f"head dim {head_dim} is above the CUDA kernel's {MAX_CUDA_ROPE_HEAD_DIM}", True)
+        self.use_compiled_qkv = not qkv.fallback
         self.choices: Dict[str, Choice] = {
             "rms_norm_modulate (+ gated residual add)": kernel,
-            "qkv_rope_cache (bias, l2 norm, RoPE, KV write)": kernel,
+            "qkv_rope_cache (bias, l2 norm, RoPE, KV write)": qkv,
             "cfg_top_k_filter": kernel,
             "VQ glue (bicubic up, phi blend, area down)": kernel,
             "residual diffusion (LayerNorm, IDDPM step)": kernel,
@@ -140,4 +146,4 @@ class KernelPlan:
         return lines
 
 
-__all__ = ["Choice", "KernelPlan", "KERNEL_HEAD_DIMS"]
+__all__ = ["Choice", "KernelPlan", "KERNEL_HEAD_DIMS", "MAX_CUDA_ROPE_HEAD_DIM"]

@@ -10,6 +10,9 @@ import math
 
 import torch
 
+# torch.Generator.manual_seed takes a signed 64-bit integer.
+MAX_SEED = 2**63 - 1
+
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -71,9 +74,9 @@ def validate_options(guidance_scale=4.5, top_k=None, top_p=0.0, diffusion_steps=
         if not seed:
             raise ValueError("seed: an empty list of seeds")
         for i, s in enumerate(seed):
-            check_number(f"seed[{i}]", s, int, lo=0)
+            check_number(f"seed[{i}]", s, int, lo=0, hi=MAX_SEED)
     elif seed is not None:
-        check_number("seed", seed, int, lo=0)
+        check_number("seed", seed, int, lo=0, hi=MAX_SEED)
 
 
 def validate_inputs(cfg, Cvae: int, prompt_embeds, prompt_mask, residual_latents, output_type, seed=None) -> None:
@@ -103,6 +106,8 @@ def validate_inputs(cfg, Cvae: int, prompt_embeds, prompt_mask, residual_latents
             raise ValueError(f"prompt_mask must be bool (or 0/1 integers), got {prompt_mask.dtype}")
     if isinstance(seed, (list, tuple)) and len(seed) != B:
         raise ValueError(f"seed: got {len(seed)} seeds for a batch of {B} (one per row, or one int)")
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed + B - 1 > MAX_SEED:
+        raise ValueError(f"seed: rows take seed + b, so seed must be <= {MAX_SEED - B + 1} for a batch of {B}")
     if output_type not in ("pt", "pil", "latent"):
         raise ValueError(f"output_type must be 'pt', 'pil' or 'latent', got {output_type!r}")
     if residual_latents is not None:
@@ -114,4 +119,4 @@ def validate_inputs(cfg, Cvae: int, prompt_embeds, prompt_mask, residual_latents
             )
 
 
-__all__ = ["parse_dtype", "check_number", "validate_options", "validate_inputs"]
+__all__ = ["MAX_SEED", "parse_dtype", "check_number", "validate_options", "validate_inputs"]

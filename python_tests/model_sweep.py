@@ -4,8 +4,9 @@
 tokenizer config (`tokenizer/`) and a batch of padded prompts, all drawn from a
 generator seeded with i, so a failure names one reproducible model.  The space:
 
-* head dims 8-128 (multiples of 4, as the 2-D RoPE needs; powers of two and not),
-  1-4 heads, so widths are rarely multiples of 64;
+* head dims 8-160 (multiples of 4, as the 2-D RoPE needs; powers of two and not;
+  160 is above the CUDA RoPE kernel's 128), 1-4 heads, so widths are rarely
+  multiples of 64;
 * patch_nums starting at 1, 3-7 scales, ratios that are not integers (1, 2, 3, 5, 7);
 * llama / gpt2 MLP, mlp_ratio 2-4; AdaLN on (max | avg pooling), shared AdaLN,
   or none; timestep vs level embeddings; context norm on / off; l2-norm attention;
@@ -26,7 +27,7 @@ from typing import Dict, Tuple
 
 import torch
 
-HEAD_DIMS = (8, 12, 16, 20, 24, 28, 32, 40, 48, 64, 72, 80, 96, 128)
+HEAD_DIMS = (8, 12, 16, 20, 24, 28, 32, 40, 48, 64, 72, 80, 96, 128, 160)
 NUM_CONFIGS = 32
 
 

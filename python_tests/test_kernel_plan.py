@@ -114,3 +114,34 @@ def test_negative_guidance_is_refused_by_the_cli_and_nothing_is_written(tmp_path
         err = capsys.readouterr().err
         assert "cfg" in err and "must be >= 0" in err
         assert not out.exists()
+
+
+def test_cuda_rope_kernel_limit_falls_back_in_the_plan():
+    # Planned for a CUDA device without needing one: the plan reads only the extension's flags.
+    from hart_fast import ops
+
+    plan = KernelPlan(160, "cuda", torch.float16)
+    qkv = plan.choices["qkv_rope_cache (bias, l2 norm, RoPE, KV write)"]
+    if not ops.HAS_CUDA_KERNELS:
+        assert qkv.fallback and "without CUDA kernels" in qkv.reason
+        return
+    assert qkv.fallback and "head dim 160" in qkv.reason and not plan.use_compiled_qkv
+    assert not KernelPlan(128, "cuda", torch.float16).choices["qkv_rope_cache (bias, l2 norm, RoPE, KV write)"].fallback
+    assert KernelPlan(160, "cpu", torch.float32).use_compiled_qkv  # the C++ kernel has no limit
+
+
+def test_seed_errors_are_clear(tmp_path):
+    d = write_model(str(tmp_path / "m"))
+    pipe = HartPipeline.from_pretrained(d)
+    embeds = lambda prompts: torch.zeros(len(prompts), pipe.config.context_token, pipe.config.context_dim)  # noqa: E731
+    with pytest.raises(ValueError, match="one seed per row is an option of HartPipeline.generate"):
+        hart_fast.generate(["a", "b"], model=pipe, text_encoder=embeds, seed=[3])
+    with pytest.raises(ValueError, match=r"seed must be <= 9223372036854775806 for 2 images"):
+        hart_fast.generate(["a", "b"], model=pipe, text_encoder=embeds, seed=2**63 - 1)
+    ctx, mask = random_prompts(2, pipe.config.context_token, pipe.config.context_dim)
+    with pytest.raises(ValueError, match="seed must be <= 9223372036854775807"):
+        pipe.generate(ctx[:1], mask[:1], seed=2**63)
+    with pytest.raises(ValueError, match=r"seed\[1\] must be <= 9223372036854775807"):
+        pipe.generate(ctx, mask, seed=[0, 2**63])
+    with pytest.raises(ValueError, match="rows take seed \\+ b"):
+        pipe.generate(ctx, mask, seed=2**63 - 1)

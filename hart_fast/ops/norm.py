@@ -221,7 +221,8 @@ def rms_norm_modulate(
 
     Same semantics as :func:`rms_norm_modulate_reference`; returns a new
     contiguous tensor of x's shape and dtype.  x, scale, shift: float32,
-    float16 or bfloat16 (all the same); weight: any of those (upcast to fp32).
+    float16 or bfloat16 (all the same); weight: any of those (rounded to x's dtype,
+    as the official module casts it).
     """
     op = "rms_norm_modulate"
     _check_common(op, x, scale, shift, eps)

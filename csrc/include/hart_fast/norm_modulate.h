@@ -2,13 +2,16 @@
 // modulation, shared by csrc/cpu/norm_modulate_cpu.cpp and
 // csrc/cuda/norm_modulate_kernel.cu.
 //
-// Semantics (mirrors hart_fast/ops/norm.py::*_reference):
-//   rms:   y = x * (1 / sqrt(mean(x^2) + eps))  [* weight]        in fp32
+// Semantics (mirrors hart_fast/ops/norm.py::*_reference; T = x's dtype, round_T
+// the identity for fp32), rounded where the official HART code rounds:
+//   rms:   y = round_T(x * (1 / sqrt(mean(x^2) + eps)))      the fused rms_norm kernel
+//          [y = round_T(y * round_T(weight))]                weight cast to T, product in T
+//          y = round_T(y * round_T(1 + scale))               `.mul(1 + scale)` in T
+//          y = round_T(y + shift)                            `.add(shift)` in T
 //   layer: y = (x - mean) * (1 / sqrt(var + eps)) [* weight] [+ bias]  in fp32
 //          (biased variance, two-pass, like F.layer_norm)
-//   then   y = round_T(y)                        the norm's output dtype
-//          y = round_T(y * round_T(1 + scale))   `.mul(1 + scale)` in T
-//          y = round_T(y + shift)                `.add(shift)` in T
+//          y = y * round_T(1 + scale) + shift                in fp32 (autocast's LayerNorm)
+//          y = round_T(y)                                    once, when stored
 //
 // The residual-add variants (add_*_norm_modulate) first form the block's
 // residual stream  s = round_T(x + round_T(branch * gate))  (or
