@@ -255,14 +255,16 @@ def _fault_injection(batch: Sequence[WorkItem]) -> None:
 def run_batch(prompts_path: str, out_dir: str, *, model=None, text_encoder=None, device="cpu",
               dtype=torch.float32, batch_size: int = 4, seed: int = 0, images_per_prompt: int = 1,
               settings=None, resume: bool = True, ray: Optional[str] = None, workers: Optional[int] = None,
-              progress: Optional[Callable[[int, int], None]] = None) -> BatchResult:
+              prompt_filter=None, progress: Optional[Callable[[int, int], None]] = None) -> BatchResult:
     """Generate every image of a prompt file into out_dir (see the module docstring).
 
     settings: a hart_fast.api.GenerationSettings with the run's defaults (rows may
     override them).  ray: None runs in this process; "auto" (a running cluster, else
     a local one) or a cluster address runs the batches on Ray actors
     (hart_fast.batch_ray; `workers` of them, default one per GPU, else 2); without
-    Ray installed it runs in this process and says so.  progress(done, total)
+    Ray installed it runs in this process and says so.  prompt_filter: a
+    `module:function` spec or a callable (hart_fast.prompt_filter); a refused
+    prompt is an error naming its row, before anything is generated.  progress(done, total)
     is called after every batch.  resume=False refuses a folder that already holds
     a manifest instead of continuing it.
     """
@@ -275,6 +277,13 @@ def run_batch(prompts_path: str, out_dir: str, *, model=None, text_encoder=None,
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     base = settings or GenerationSettings()
     rows = read_prompt_rows(prompts_path)
+    from hart_fast.prompt_filter import check_prompt, load_prompt_filter
+
+    flt = load_prompt_filter(prompt_filter) if isinstance(prompt_filter, str) else prompt_filter
+    for i, row in enumerate(rows):
+        reason = check_prompt(flt, row["prompt"])
+        if reason is not None:
+            raise PromptFileError(f"{prompts_path}: prompt {i + 1} ({row['prompt'][:60]!r}) refused: {reason}")
     items = expand(rows, seed, images_per_prompt)
     from hart_fast.options import MAX_SEED
 

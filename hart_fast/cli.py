@@ -126,6 +126,7 @@ def cmd_generate(args) -> int:
     from hart_fast.api import iter_generate, load_pipeline, model_name, resolve_model_path
     from hart_fast.options import validate_options
     from hart_fast.pipeline import to_pil
+    from hart_fast.prompt_filter import check_prompt, load_prompt_filter
 
     prompts = _read_prompts(args)
     if args.n < 1:
@@ -137,8 +138,13 @@ def cmd_generate(args) -> int:
     try:  # the options that need no model first: a bad one costs no load and writes nothing
         validate_options(settings.guidance_scale, settings.top_k, settings.top_p, settings.diffusion_steps,
                          settings.diffusion_temperature, settings.seed)
+        flt = load_prompt_filter(args.prompt_filter)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    for i, p in enumerate(prompts):
+        reason = check_prompt(flt, p)
+        if reason is not None:
+            raise UsageError(f"prompt {i + 1} ({p[:60]!r}) refused: {reason}")
     model_path = resolve_model_path(args.model)
     name = model_name(model_path)
     print(f"hart-fast: model {name}", file=sys.stderr)
@@ -219,7 +225,7 @@ def cmd_batch(args) -> int:
         res = run_batch(args.prompts_file, args.out, model=args.model, text_encoder=args.text_encoder,
                         device=args.device, dtype=args.dtype, batch_size=args.batch_size, seed=args.seed,
                         images_per_prompt=args.n, settings=_settings_from_args(args), resume=not args.no_resume,
-                        ray=args.ray, workers=args.workers, progress=progress)
+                        ray=args.ray, workers=args.workers, prompt_filter=args.prompt_filter, progress=progress)
     except (PromptFileError, ValueError, FileNotFoundError, RuntimeError) as e:
         raise UsageError(str(e)) from e
     finally:
@@ -227,6 +233,22 @@ def cmd_batch(args) -> int:
             bar.close()
     print(f"hart-fast: {len(res.written)} images written, {len(res.skipped)} already done ({res.runner}); "
           f"manifest {res.manifest}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from hart_fast.serve import load_prompt_filter, serve
+    except ImportError as e:
+        raise UsageError(f"hart-fast serve needs the serve extra (pip install '.[serve]'): {e}") from e
+    if args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0:
+        raise UsageError("--max-batch and --max-queue must be >= 1 and --max-wait-ms >= 0")
+    try:
+        load_prompt_filter(args.prompt_filter)  # a bad hook fails before the model loads
+        serve(args.model, args.text_encoder, args.device, args.dtype, args.host, args.port, args.max_batch,
+              args.max_wait_ms, args.max_queue, args.prompt_filter)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise UsageError(str(e)) from e
     return 0
 
 
@@ -305,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", "-o", default="outputs", help="output folder, or a .png file name (default: outputs/)")
     g.add_argument("--grid", action="store_true", help="write one grid image instead of one file per image")
     _add_model_and_sampling_args(g)
+    g.add_argument("--prompt-filter", default=None, metavar="MODULE:FUNCTION",
+                   help="function(prompt) -> None to accept, or the reason to refuse")
     g.set_defaults(func=cmd_generate)
     b = sub.add_parser("batch", help="generate a prompt file (.txt, .jsonl, .parquet) into a folder, resumably")
     b.add_argument("prompts_file", help=".txt (one prompt per line), .jsonl or .parquet (prompt, seed, n, settings)")
@@ -315,7 +339,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, else 2)")
     b.add_argument("--no-resume", action="store_true", help="refuse a folder that already holds a manifest")
     _add_model_and_sampling_args(b)
+    b.add_argument("--prompt-filter", default=None, metavar="MODULE:FUNCTION",
+                   help="function(prompt) -> None to accept, or the reason to refuse")
     b.set_defaults(func=cmd_batch)
+    v = sub.add_parser("serve", help="an HTTP image API with dynamic batching (FastAPI + uvicorn)")
+    v.add_argument("--model", help="HART model folder (default: $HART_FAST_MODEL, else the embedded demo model)")
+    v.add_argument("--text-encoder", help="Qwen2 text encoder folder (default: $HART_FAST_TEXT_ENCODER or the model's own)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-batch", type=int, default=8, help="images per pipeline call (default 8)")
+    v.add_argument("--max-wait-ms", type=float, default=20.0, help="how long a batch waits to fill (default 20)")
+    v.add_argument("--max-queue", type=int, default=64, help="requests held before answering 429 (default 64)")
+    v.add_argument("--prompt-filter", default=None, metavar="MODULE:FUNCTION",
+                   help="function(prompt) -> None to accept, or the reason to refuse (400)")
+    v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    v.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, float32 on CPU)")
+    v.set_defaults(func=cmd_serve)
     i = sub.add_parser("info", help="describe a model folder and the active kernels")
     i.add_argument("model_dir", nargs="?", default=None, help="HART model folder (default: as for generate)")
     i.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
