@@ -243,8 +243,20 @@ def cmd_serve(args) -> int:
         raise UsageError(f"hart-fast serve needs the serve extra (pip install '.[serve]'): {e}") from e
     if args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0:
         raise UsageError("--max-batch and --max-queue must be >= 1 and --max-wait-ms >= 0")
+    if args.replicas is not None and args.replicas < 1:
+        raise UsageError("--replicas must be >= 1")
     try:
         load_prompt_filter(args.prompt_filter)  # a bad hook fails before the model loads
+        if args.ray is not None:
+            from hart_fast.batch_ray import ray_available
+            from hart_fast.serve import serve_on_ray
+
+            if not ray_available():
+                raise UsageError("hart-fast serve --ray needs Ray Serve (pip install '.[ray]')")
+            serve_on_ray(args.ray, args.host, args.port, model=args.model, text_encoder=args.text_encoder,
+                         device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                         max_queue=args.max_queue, prompt_filter=args.prompt_filter, replicas=args.replicas)
+            return 0
         serve(args.model, args.text_encoder, args.device, args.dtype, args.host, args.port, args.max_batch,
               args.max_wait_ms, args.max_queue, args.prompt_filter)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -352,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-queue", type=int, default=64, help="requests held before answering 429 (default 64)")
     v.add_argument("--prompt-filter", default=None, metavar="MODULE:FUNCTION",
                    help="function(prompt) -> None to accept, or the reason to refuse (400)")
+    v.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                   help="run as a Ray Serve deployment (one replica per GPU) on a cluster: 'auto' joins a running "
+                        "one or starts a local one")
+    v.add_argument("--replicas", type=int, default=None, help="Ray Serve replicas (default: one per GPU, else 1)")
     v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     v.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, float32 on CPU)")
     v.set_defaults(func=cmd_serve)

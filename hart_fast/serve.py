@@ -258,14 +258,21 @@ def create_app(generate_fn: GenerateFn, *, max_batch: int = 8, max_wait_ms: floa
     metrics = Metrics()
     state = {"accepting": True, "batcher": None}
 
+    def batcher() -> Batcher:
+        # Started by the lifespan, or on the first request where the host runs no
+        # lifespan (some ASGI hosts); always inside the serving event loop.
+        if state["batcher"] is None:
+            b = Batcher(generate_fn, max_batch, max_wait_ms, max_queue, metrics)
+            b.start()
+            state["batcher"] = b
+        return state["batcher"]
+
     @asynccontextmanager
     async def lifespan(app):
-        b = Batcher(generate_fn, max_batch, max_wait_ms, max_queue, metrics)
-        b.start()
-        state["batcher"] = b
+        batcher()
         yield
         state["accepting"] = False  # SIGTERM: refuse new work, finish what is held
-        await b.drain_and_stop()
+        await state["batcher"].drain_and_stop()
 
     app = FastAPI(title="hart_fast", lifespan=lifespan)
 
@@ -309,7 +316,7 @@ def create_app(generate_fn: GenerateFn, *, max_batch: int = 8, max_wait_ms: floa
         base = req.seed if req.seed is not None else int.from_bytes(os.urandom(6), "big")
         seeds = [base + i for i in range(req.n)]
         try:
-            fut = state["batcher"].submit(req, seeds)
+            fut = batcher().submit(req, seeds)
         except QueueFull:
             return error(429, "the queue is full; retry later", headers={"Retry-After": str(retry_after_s)})
         watcher = asyncio.create_task(_cancel_on_disconnect(request, fut))
@@ -368,6 +375,27 @@ document.getElementById('f').addEventListener('submit', async (e) => {
 """
 
 
+class LazyGenerate:
+    """pipeline_generate_fn, loaded on first use: what a Ray Serve replica ships (the
+    model loads in the replica, once, not in the driver)."""
+
+    def __init__(self, model=None, text_encoder=None, device="cpu", dtype="float32"):
+        self.args, self.fn = (model, text_encoder, device, dtype), None
+        self._lock = threading.Lock()
+
+    def __call__(self, prompts, seeds, g):
+        with self._lock:
+            if self.fn is None:
+                self.fn = pipeline_generate_fn(*self.args)
+        return self.fn(prompts, seeds, g)
+
+    def __getstate__(self):
+        return {"args": self.args}
+
+    def __setstate__(self, st):
+        self.args, self.fn, self._lock = st["args"], None, threading.Lock()
+
+
 def serve(model=None, text_encoder=None, device="cpu", dtype="float32", host="127.0.0.1", port=8000,
           max_batch=8, max_wait_ms=20.0, max_queue=64, prompt_filter: Optional[str] = None) -> None:
     """Load the model and run the HTTP server until SIGINT / SIGTERM (graceful)."""
@@ -382,4 +410,45 @@ def serve(model=None, text_encoder=None, device="cpu", dtype="float32", host="12
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
-__all__ = ["Batcher", "ImageRequest", "Metrics", "create_app", "load_prompt_filter", "pipeline_generate_fn", "serve"]
+def ray_serve_application(model=None, text_encoder=None, device="cpu", dtype="float32", max_batch=8,
+                          max_wait_ms=20.0, max_queue=64, prompt_filter: Optional[str] = None,
+                          replicas: Optional[int] = None, generate_fn: Optional[GenerateFn] = None):
+    """The same app as a Ray Serve deployment: one replica per GPU (or `replicas` CPU
+    replicas), each with its own model and batcher.  Returns the bound application
+    for `ray.serve.run`."""
+    import ray
+    from ray import serve as ray_serve
+
+    from hart_fast.api import model_name, resolve_model_path
+
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
+    n = replicas or (gpus or 1)
+    fn = generate_fn or LazyGenerate(model, text_encoder, device, dtype)
+    app = create_app(fn, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                     prompt_filter=load_prompt_filter(prompt_filter),
+                     model_label=model_name(resolve_model_path(model)))
+    options = {"num_gpus": 1} if gpus else {"num_cpus": 0.5}
+
+    @ray_serve.deployment(num_replicas=n, ray_actor_options=options, max_ongoing_requests=max_queue + max_batch)
+    @ray_serve.ingress(app)
+    class HartImages:
+        pass
+
+    return HartImages.bind()
+
+
+def serve_on_ray(address: str = "auto", host="127.0.0.1", port=8000, **kwargs) -> None:
+    """`hart-fast serve --ray`: run ray_serve_application on a cluster until interrupted."""
+    import ray
+    from ray import serve as ray_serve
+
+    from hart_fast.batch_ray import _connect
+
+    _connect(address)
+    ray_serve.start(http_options={"host": host, "port": port})
+    ray_serve.run(ray_serve_application(**kwargs), blocking=True)
+    ray.shutdown()
+
+
+__all__ = ["Batcher", "ImageRequest", "LazyGenerate", "Metrics", "create_app", "load_prompt_filter",
+           "pipeline_generate_fn", "ray_serve_application", "serve", "serve_on_ray"]

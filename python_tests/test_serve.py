@@ -285,3 +285,35 @@ def test_prompt_filter_in_the_batch_path_and_the_cli(model, tmp_path, capsys):
         sys.stdin = old
     assert code == cli.EXIT_USAGE and "prompt 2 ('an apple') refused: no apples" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+
+
+def test_ray_serve_deployment_on_a_local_cluster(model):
+    """`hart-fast serve --ray`: the same app on Ray Serve (CPU replicas here)."""
+    import os
+
+    import ray
+    from ray import serve as ray_serve
+
+    from hart_fast.serve import ray_serve_application
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    try:
+        ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
+        ray_serve.run(ray_serve_application(model=model, replicas=2, max_batch=4), blocking=False)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+            assert c.get("/healthz").json()["status"] == "ok"
+            r = c.post("/v1/images/generations", json={"prompt": "a red apple", "seed": 9})
+            assert r.status_code == 200, r.text
+            img = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))))
+            alone = np.asarray(hart_fast.generate("a red apple", model=model, seed=9))
+            assert np.abs(img.astype(int) - alone.astype(int)).max() <= 1
+            bad = c.post("/v1/images/generations", json={"prompt": "x", "n": 0})
+            assert bad.status_code == 422 and bad.json()["error"]["message"].startswith("n")
+    finally:
+        ray_serve.shutdown()
+        if started:
+            ray.shutdown()
