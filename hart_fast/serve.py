@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
@@ -82,10 +83,14 @@ def pipeline_generate_fn(model=None, text_encoder=None, device="cpu", dtype="flo
     encoder = load_text_encoder(text_encoder, pipe, GenerationSettings())
 
     def generate(prompts, seeds, guidance_scale):
-        embeds, mask = encoder(list(prompts))
+        with warnings.catch_warnings():  # truncation is reported per request (warnings_for)
+            warnings.simplefilter("ignore", UserWarning)
+            embeds, mask = encoder(list(prompts))
         return pipe.generate(embeds, mask, seed=list(seeds), guidance_scale=guidance_scale, more_smooth=True,
                              output_type="pil")
 
+    note = getattr(encoder, "truncation_note", None)
+    generate.warnings_for = (lambda prompt: [w for w in [note(prompt)] if w]) if note else (lambda prompt: [])
     return generate
 
 
@@ -313,6 +318,7 @@ def create_app(generate_fn: GenerateFn, *, max_batch: int = 8, max_wait_ms: floa
         reason = check_prompt(prompt_filter, req.prompt)
         if reason is not None:
             return error(400, f"prompt refused: {reason}")
+        notes = getattr(generate_fn, "warnings_for", lambda prompt: [])(req.prompt)  # e.g. truncation
         base = req.seed if req.seed is not None else int.from_bytes(os.urandom(6), "big")
         seeds = [base + i for i in range(req.n)]
         try:
@@ -323,6 +329,10 @@ def create_app(generate_fn: GenerateFn, *, max_batch: int = 8, max_wait_ms: floa
         try:
             images = await fut
         except asyncio.CancelledError:
+            fut.cancel()  # the batcher skips it: the slot is free
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this handler itself was cancelled (the client went away)
             return error(499, "client closed the request")
         except Exception as e:  # noqa: BLE001
             return error(500, f"generation failed: {e}")
@@ -331,8 +341,9 @@ def create_app(generate_fn: GenerateFn, *, max_batch: int = 8, max_wait_ms: floa
         metrics.latency.observe(time.perf_counter() - t0)
         metrics.count(200)
         if req.response_format == "png":
-            return Response(_png_bytes(images[0]), media_type="image/png", headers={"X-Seed": str(seeds[0])})
-        return {"created": int(time.time()), "model": model_label,
+            headers = {"X-Seed": str(seeds[0]), **({"X-Warning": "; ".join(notes)} if notes else {})}
+            return Response(_png_bytes(images[0]), media_type="image/png", headers=headers)
+        return {"created": int(time.time()), "model": model_label, "warnings": notes,
                 "data": [{"b64_json": base64.b64encode(_png_bytes(img)).decode(), "seed": s}
                          for img, s in zip(images, seeds)]}
 

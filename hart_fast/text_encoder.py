@@ -111,6 +111,13 @@ class QwenTextEncoder:
         ]
         return torch.stack(rows) if pad == "max_length" else rows[0].unsqueeze(0)
 
+    def truncation_note(self, prompt: str) -> Optional[str]:
+        """What warn_truncation says of one prompt, or None when it fits."""
+        n = len(self.tokenizer(prompt, truncation=False).input_ids)
+        if n <= self.max_length:
+            return None
+        return f"the prompt is {n} tokens long; the model reads {self.max_length}, so it is truncated"
+
     def warn_truncation(self, prompts: Sequence[str]) -> None:
         for i, p in enumerate(prompts):
             n = len(self.tokenizer(p, truncation=False).input_ids)

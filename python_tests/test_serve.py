@@ -223,9 +223,14 @@ def test_real_uvicorn_server_on_loopback_serves_the_model(model):
             # The same image as the library gives for that prompt and seed.
             alone = np.asarray(hart_fast.generate("a red apple", model=model, seed=9))
             assert imgs[0].shape == alone.shape and np.abs(imgs[0].astype(int) - alone.astype(int)).max() <= 1
+            # The tiny model reads 6 tokens: this prompt (11 byte tokens) is truncated with a
+            # warning, as generate does; a short one is not.
+            assert "11 tokens long; the model reads 6, so it is truncated" in r.json()["warnings"][0]
+            short = c.post("/v1/images/generations", json={"prompt": "abc", "seed": 1})
+            assert short.status_code == 200 and short.json()["warnings"] == []
             assert c.post("/v1/images/generations", content=b"{").status_code == 422
             assert c.get("/healthz").json()["status"] == "ok"
-            assert "hart_fast_request_latency_seconds_count 1" in c.get("/metrics").text
+            assert "hart_fast_request_latency_seconds_count 2" in c.get("/metrics").text
     finally:
         server.should_exit = True  # what SIGTERM does: finish what is held, then stop
         thread.join(timeout=30)
@@ -317,3 +322,21 @@ def test_ray_serve_deployment_on_a_local_cluster(model):
         ray_serve.shutdown()
         if started:
             ray.shutdown()
+
+
+def test_a_client_that_disconnects_frees_its_slot():
+    gen = FakeGenerate(delay=0.3)
+    app = create_app(gen, max_batch=1, max_wait_ms=0)
+
+    async def go(c):
+        first = asyncio.create_task(c.post("/v1/images/generations", json={"prompt": "first", "seed": 1}))
+        await asyncio.sleep(0.05)  # "first" is running
+        gone = asyncio.create_task(c.post("/v1/images/generations", json={"prompt": "gone", "seed": 2}))
+        await asyncio.sleep(0.05)  # "gone" waits in the queue...
+        gone.cancel()  # ... and its client disconnects
+        last = await c.post("/v1/images/generations", json={"prompt": "last", "seed": 3})
+        return (await first).status_code, last.status_code
+
+    codes = _run(app, go)
+    assert codes == (200, 200)
+    assert [p for p, _, _ in gen.calls] == [["first"], ["last"]]  # "gone" never ran
