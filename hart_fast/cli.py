@@ -310,10 +310,19 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _add_model_and_sampling_args(g) -> None:
-    """The options generate and batch share: model, sampling, device."""
+def _add_model_args(g) -> None:
+    """Which model, on which device: every command that loads one."""
     g.add_argument("--model", help="HART model folder (default: $HART_FAST_MODEL, else the embedded demo model)")
     g.add_argument("--text-encoder", help="Qwen2 text encoder folder (default: $HART_FAST_TEXT_ENCODER or the model's own)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, float32 on CPU)")
+    g.add_argument("--prompt-filter", default=None, metavar="MODULE:FUNCTION",
+                   help="function(prompt) -> None to accept, or the reason to refuse")
+
+
+def _add_model_and_sampling_args(g) -> None:
+    """The options generate and batch share: model, sampling, device."""
+    _add_model_args(g)
     g.add_argument("-n", type=int, default=1, help="images per prompt (default 1)")
     g.add_argument("--batch-size", type=int, default=4, help="images per model batch (default 4)")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed+k, whatever the batch size (default 0)")
@@ -325,8 +334,6 @@ def _add_model_and_sampling_args(g) -> None:
     g.add_argument("--diffusion-steps", type=int, default=None, help="residual diffusion steps (default: the model's, 8)")
     g.add_argument("--diffusion-temperature", type=float, default=1.0)
     g.add_argument("--no-system-prompt", action="store_true", help="encode prompts without the LLM system prompt")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, float32 on CPU)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
@@ -339,8 +346,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", "-o", default="outputs", help="output folder, or a .png file name (default: outputs/)")
     g.add_argument("--grid", action="store_true", help="write one grid image instead of one file per image")
     _add_model_and_sampling_args(g)
-    g.add_argument("--prompt-filter", default=None, metavar="MODULE:FUNCTION",
-                   help="function(prompt) -> None to accept, or the reason to refuse")
     g.set_defaults(func=cmd_generate)
     b = sub.add_parser("batch", help="generate a prompt file (.txt, .jsonl, .parquet) into a folder, resumably")
     b.add_argument("prompts_file", help=".txt (one prompt per line), .jsonl or .parquet (prompt, seed, n, settings)")
@@ -351,25 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, else 2)")
     b.add_argument("--no-resume", action="store_true", help="refuse a folder that already holds a manifest")
     _add_model_and_sampling_args(b)
-    b.add_argument("--prompt-filter", default=None, metavar="MODULE:FUNCTION",
-                   help="function(prompt) -> None to accept, or the reason to refuse")
     b.set_defaults(func=cmd_batch)
     v = sub.add_parser("serve", help="an HTTP image API with dynamic batching (FastAPI + uvicorn)")
-    v.add_argument("--model", help="HART model folder (default: $HART_FAST_MODEL, else the embedded demo model)")
-    v.add_argument("--text-encoder", help="Qwen2 text encoder folder (default: $HART_FAST_TEXT_ENCODER or the model's own)")
+    _add_model_args(v)
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-batch", type=int, default=8, help="images per pipeline call (default 8)")
     v.add_argument("--max-wait-ms", type=float, default=20.0, help="how long a batch waits to fill (default 20)")
     v.add_argument("--max-queue", type=int, default=64, help="requests held before answering 429 (default 64)")
-    v.add_argument("--prompt-filter", default=None, metavar="MODULE:FUNCTION",
-                   help="function(prompt) -> None to accept, or the reason to refuse (400)")
     v.add_argument("--ray", default=None, metavar="auto|ADDRESS",
                    help="run as a Ray Serve deployment (one replica per GPU) on a cluster: 'auto' joins a running "
                         "one or starts a local one")
     v.add_argument("--replicas", type=int, default=None, help="Ray Serve replicas (default: one per GPU, else 1)")
-    v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    v.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, float32 on CPU)")
     v.set_defaults(func=cmd_serve)
     i = sub.add_parser("info", help="describe a model folder and the active kernels")
     i.add_argument("model_dir", nargs="?", default=None, help="HART model folder (default: as for generate)")
