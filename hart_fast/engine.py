@@ -99,8 +99,6 @@ class StageState:
 class FastEngine:
     """The fast backend (see hart_fast.generation): fused kernels, static buffers, CUDA graphs."""
 
-    name = "fast"
-
     def __init__(self, transformer: HartTransformer, tokenizer, use_cuda_graphs: Optional[bool] = None):
         self.tr, self.tok = transformer, tokenizer
         w = transformer.word_embed.weight

@@ -87,7 +87,6 @@ class KernelPlan:
                              f"{', '.join(attn_ops.BACKENDS)}.")
         self.forced_reason = None if self.forced == "auto" else self._unavailable(self.forced)
         self.choices["attention"] = self._describe_attention()
-        self.use_compiled = no_ext is None
         self.use_triton_epilogue = self.device.type == "cuda" and _triton_reason(self.device, 16, dtype) is None
 
     @classmethod

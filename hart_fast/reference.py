@@ -15,8 +15,6 @@ from hart_fast.sampling import cfg_combine, filter_top_k_top_p_
 
 
 class ReferenceBackend:
-    name = "reference"
-
     def __init__(self, transformer, tokenizer):
         self.tr, self.tok = transformer, tokenizer
 
