@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -50,12 +50,9 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
 
 
-def _llm_state(cfg: TransformerConfig, Cvae: int, V: int, seed: int):
-    from hart_fast.model.transformer import HartTransformer
-
-    model = HartTransformer(cfg, Cvae, V)
-    randomize_(model, seed)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+def llm_state_dict(model: torch.nn.Module) -> dict:
+    """The transformer's state dict as the official `llm/` weights hold it."""
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     lvl = sd["lvl_1L"].view(-1)
     n = lvl.numel()
     # The official training mask buffer: a token sees its own and earlier levels.
@@ -63,15 +60,29 @@ def _llm_state(cfg: TransformerConfig, Cvae: int, V: int, seed: int):
     return sd
 
 
+def tokenizer_state_dict(model: torch.nn.Module) -> dict:
+    """The tokenizer's state dict as the official `tokenizer/` weights hold it (under `vae.`)."""
+    cfg = model.cfg
+    sd = {"vae." + k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    sd["vae.quantize.ema_vocab_hit_SV"] = torch.zeros(len(cfg.v_patch_nums), cfg.vocab_size)
+    sd["disc.head.weight"] = torch.zeros(1, 4)  # a discriminator key, as official files carry
+    return sd
+
+
+def _llm_state(cfg: TransformerConfig, Cvae: int, V: int, seed: int):
+    from hart_fast.model.transformer import HartTransformer
+
+    model = HartTransformer(cfg, Cvae, V)
+    randomize_(model, seed)
+    return llm_state_dict(model)
+
+
 def _tok_state(cfg: TokenizerConfig, with_encoder: bool, seed: int):
     from hart_fast.model.tokenizer import HartTokenizer
 
     model = HartTokenizer(cfg, with_encoder=with_encoder)
     randomize_(model, seed)
-    sd = {"vae." + k: v.contiguous() for k, v in model.state_dict().items()}
-    sd["vae.quantize.ema_vocab_hit_SV"] = torch.zeros(len(cfg.v_patch_nums), cfg.vocab_size)
-    sd["disc.head.weight"] = torch.zeros(1, 4)  # a discriminator key, as official files carry
-    return sd
+    return tokenizer_state_dict(model)
 
 
 def write_model_folder(root: str, llm: dict, tok: dict, with_encoder: bool = True, seed: int = 0,
@@ -127,15 +138,47 @@ def _bytes_to_unicode():
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-def write_text_encoder(path: str, hidden_size: int, seed: int = 0, num_layers: int = 2) -> str:
-    """A tiny Qwen2 LLM with a byte-level Qwen2 tokenizer (256 bytes + <|endoftext|> as pad)."""
+def _word_bpe(words: Sequence[str]):
+    """A byte-level BPE (vocab, merges) in which every word of `words` is one token,
+    with and without its leading space (any other text falls back to bytes)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = sorted(set(words))
+    # Each word alone and after a space, as often as any other: the merges build every word whole.
+    corpus = [w for w in words] + [f"x {w}" for w in words]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=100000, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(corpus, trainer)
+    model = json.loads(tk.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, (list, tuple)) else tuple(m.split(" ")) for m in model["merges"]]
+    base = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(base)}
+    for tokstr in sorted(model["vocab"], key=model["vocab"].get):
+        if tokstr not in vocab:
+            vocab[tokstr] = len(vocab)
+    return vocab, merges
+
+
+def write_text_encoder(path: str, hidden_size: int, seed: int = 0, num_layers: int = 2,
+                       words: Optional[Sequence[str]] = None) -> str:
+    """A tiny Qwen2 LLM with a byte-level Qwen2 tokenizer (<|endoftext|> as pad).
+
+    Without `words` the tokenizer is bytes only; with them it also has BPE merges
+    that make each of those words a single token (a short context then holds a
+    whole caption).
+    """
     from transformers import Qwen2Config, Qwen2Model, Qwen2Tokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    vocab = {c: i for i, c in enumerate(_bytes_to_unicode().values())}
+    if words:
+        vocab, merges = _word_bpe(words)
+    else:
+        vocab, merges = {c: i for i, c in enumerate(_bytes_to_unicode().values())}, []
     vocab["<|endoftext|>"] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>", eos_token="<|endoftext|>",
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>", eos_token="<|endoftext|>",
                          unk_token=None)
     heads = max(1, hidden_size // 16)
     cfg = Qwen2Config(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,

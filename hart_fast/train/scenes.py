@@ -120,6 +120,8 @@ def sample_scene(rng: np.random.Generator, split: str = "train", two_object_prob
             continue
         break
     pos_names = list(POSITIONS)
+    if n_obj == 2:
+        pos_names = [p for p in pos_names if p != "centre"]  # the centre has no far-apart partner
     p0 = pos_names[rng.integers(len(pos_names))]
     positions = [p0]
     if n_obj == 2:

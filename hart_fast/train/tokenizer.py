@@ -1,0 +1,150 @@
+"""Training HART's hybrid tokenizer: encoder, multi-scale residual quantiser, decoder.
+
+The quantiser is VAR's: at every scale the rest of the latent is area-resized to
+pn x pn, snapped to the nearest code, bicubic-upsampled, passed through its phi
+conv and subtracted. HART's hybrid last scale has no phi, and the continuous
+residual (what the codes miss) is what the residual diffusion learns to draw.
+
+Losses (per step):
+- reconstruction (MSE + L1 on [-1, 1] pixels) of two decodes, HART's hybrid
+  recipe: half the batch decodes the codes-only latent (straight-through to the
+  encoder), the other half the continuous latent (codes + residual, which is the
+  encoder's latent itself);
+- VQ: codebook (codes toward the detached latent) and commitment (beta, latent
+  toward the detached codes), averaged over the scales as VAR does.
+
+Codes that no latent picked for `restart_every` steps are re-seeded from the
+current batch's latents (dead-code restart), so a short run uses its codebook.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hart_fast.model.tokenizer import HartTokenizer
+
+
+def quantize_for_training(tok: HartTokenizer, f_BChw: torch.Tensor, patch_nums: Sequence[int], beta: float
+                          ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """(f_hat_st, vq_loss, idx per scale, rest vectors per scale) for a latent f.
+
+    f_hat_st is the codes-only latent with a straight-through gradient to f; its
+    value is tokens_to_latent(idx) exactly.
+    """
+    B, C, H, W = f_BChw.shape
+    hybrid = tok.cfg.quantizer_type == "var_hybrid"
+    SN = len(patch_nums)
+    f_ng = f_BChw.detach()
+    f_rest = f_ng.clone()
+    f_hat = torch.zeros_like(f_ng)
+    vq = f_ng.new_zeros(())
+    idx_list, rests = [], []
+    for si, pn in enumerate(patch_nums):
+        last = si == SN - 1
+        rest = f_rest if last else F.interpolate(f_rest, size=(pn, pn), mode="area")
+        rest_NC = rest.permute(0, 2, 3, 1).reshape(-1, C)
+        with torch.no_grad():
+            idx_N = tok.nearest_code(rest_NC)
+        rests.append(rest_NC)
+        h = tok.quantize.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2)
+        if not last:
+            h = F.interpolate(h, size=(H, W), mode="bicubic")
+        if not (hybrid and last):
+            h = tok.quantize.phi(si, SN, h)
+        f_hat = f_hat + h
+        f_rest = f_rest - h.detach()
+        vq = vq + F.mse_loss(f_hat, f_ng) + beta * F.mse_loss(f_hat.detach(), f_BChw)
+        idx_list.append(idx_N.view(B, pn * pn))
+    # Value f_hat; the encoder gets the decoder's gradient straight through, and the
+    # codebook and phi convs get it too (through the lookups), not only from the VQ loss.
+    f_hat_st = f_hat + (f_BChw - f_ng)
+    return f_hat_st, vq / SN, idx_list, rests
+
+
+def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 image stacks (peak 255)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def to_uint8(img_pm1: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    x = img_pm1.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def reconstruct(tok: HartTokenizer, img_pm1: torch.Tensor, patch_nums: Sequence[int]) -> Dict[str, torch.Tensor]:
+    """Codes-only and codes + residual reconstructions of images in [-1, 1]."""
+    f = tok.img_to_latent(img_pm1)
+    idx, resid = tok.latent_to_tokens(f, patch_nums)
+    codes_only = tok.fhat_to_img(tok.tokens_to_latent(idx, patch_nums))
+    with_resid = tok.fhat_to_img(tok.tokens_to_latent(idx, patch_nums, resid))
+    return {"codes_only": codes_only, "with_residual": with_resid, "idx": idx, "residual": resid}
+
+
+class TokenizerStep:
+    """step_fn for train_loop: one batch of images -> the tokenizer's losses."""
+
+    def __init__(self, tok: HartTokenizer, images_fn, patch_nums, beta: float = 0.25, restart_every: int = 50):
+        self.tok, self.images_fn = tok, images_fn
+        self.patch_nums = list(patch_nums)
+        self.beta = beta
+        self.restart_every = restart_every
+        self.usage = torch.zeros(tok.V)
+        self.initialised = False
+
+    def state_dict(self):
+        return {"usage": self.usage.clone(), "initialised": self.initialised}
+
+    def load_state_dict(self, sd):
+        self.usage = sd["usage"].clone()
+        self.initialised = bool(sd["initialised"])
+
+    @torch.no_grad()
+    def _seed_codes(self, rests: List[torch.Tensor], which: torch.Tensor):
+        """Re-seed the codes `which` (bool (V,)) from random rest vectors of this batch."""
+        pool = torch.cat(rests)
+        n = int(which.sum())
+        if n == 0:
+            return
+        pick = torch.randint(0, pool.shape[0], (n,))
+        noise = 0.01 * pool.std() * torch.randn(n, pool.shape[1])
+        self.tok.quantize.embedding.weight[which] = (pool[pick] + noise).to(self.tok.quantize.embedding.weight.dtype)
+
+    def __call__(self, step: int) -> Dict[str, torch.Tensor]:
+        tok = self.tok
+        x = self.images_fn(step)
+        f = tok.img_to_latent(x)
+        if not self.initialised:
+            # First step: the codebook starts as latents of this batch (k-means++-free init).
+            with torch.no_grad():
+                rest_all = [F.interpolate(f, size=(pn, pn), mode="area").permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+                            for pn in self.patch_nums]
+                self._seed_codes(rest_all, torch.ones(tok.V, dtype=torch.bool))
+        self.initialised = True
+        f_hat_st, vq, idx_list, rests = quantize_for_training(tok, f, self.patch_nums, self.beta)
+        with torch.no_grad():
+            for idx in idx_list:
+                self.usage += torch.bincount(idx.reshape(-1), minlength=tok.V).float()
+        if (step + 1) % self.restart_every == 0:
+            self._seed_codes([r.detach() for r in rests], self.usage == 0)
+            self.usage.zero_()
+        B = x.shape[0]
+        half = B // 2
+        # HART's hybrid training: codes-only latents for one half, continuous for the other.
+        z = torch.cat([f_hat_st[:half], f[half:]])
+        rec = tok.decoder(tok.post_quant_conv(z))
+        mse = F.mse_loss(rec, x)
+        l1 = F.l1_loss(rec, x)
+        loss = mse + l1 + vq
+        with torch.no_grad():
+            used = sum(int(torch.unique(i).numel()) for i in idx_list[-2:])
+        return {"loss": loss, "mse": mse, "l1": l1, "vq": vq, "codes_used": torch.tensor(float(used))}
+
+
+__all__ = ["quantize_for_training", "reconstruct", "TokenizerStep", "psnr_uint8", "to_uint8"]

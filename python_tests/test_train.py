@@ -1,0 +1,309 @@
+"""Training code: each part learns, the training pass is the inference pass, the
+official layout round-trips, fine-tuning works and refuses bad input cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hart_fast.demo import write_text_encoder
+from hart_fast.loading import load_models
+from hart_fast.train.common import atomic_save, read_loss_log, train_loop
+from hart_fast.train.diffusion_loss import DiffusionTrainingSchedule, diffusion_loss
+from hart_fast.train.export import read_configs, save_model_folder
+from hart_fast.train.finetune import DatasetError, finetune, load_images, read_caption_folder
+from hart_fast.train.scenes import COLOR_NAMES, SHAPES, SIZES, POSITION_PHRASES, SceneDataset
+from hart_fast.train.tokenizer import TokenizerStep, quantize_for_training
+from hart_fast.train.transformer import TransformerStep, encode_images, full_pass, uncond_rows_
+from tiny_models import TINY_LLM, TINY_TOK, write_model
+
+SIZE = 8  # tiny models: 4x4 last scale, 2x upsampling
+
+
+def scene_words():
+    words = set(COLOR_NAMES) | set(SHAPES) | set(SIZES) | {"a", "and", "on", "background"}
+    for ph in POSITION_PHRASES.values():
+        words |= set(ph.split())
+    return sorted(words)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tiny") / "model")
+    write_model(root, llm_overrides={"context_token": 16}, seed=3)
+    write_text_encoder(os.path.join(root, "text_encoder"), TINY_LLM["context_dim"], seed=4, words=scene_words())
+    return root
+
+
+def tiny_images(n, seed=0):
+    imgs, caps = SceneDataset(n, seed=seed, size=SIZE).batch(range(n))
+    return imgs, caps
+
+
+def test_tokenizer_steps_lower_the_loss_on_a_fixed_batch(tiny_dir, tmp_path):
+    _, tok, _ = load_models(tiny_dir)
+    imgs, _ = tiny_images(8)
+    from hart_fast.train.scenes import to_tensor_pm1
+
+    x = to_tensor_pm1(imgs)
+    step = TokenizerStep(tok, lambda s: x, TINY_TOK["v_patch_nums"])
+    first = {k: float(v) for k, v in step(0).items()}
+    train_loop(run_dir=str(tmp_path), modules={"tokenizer": tok}, step_fn=step, steps=30, lr=2e-3, warmup=3,
+               seed=0, desc="tokenizer", progress=False)
+    last = {k: float(v) for k, v in step(30).items()}
+    assert last["loss"] < 0.8 * first["loss"], (first, last)
+    log = read_loss_log(str(tmp_path))
+    assert [r["step"] for r in log] == list(range(9, 30, 10))
+
+
+def test_training_quantiser_matches_the_inference_quantiser(tiny_dir):
+    _, tok, _ = load_models(tiny_dir)
+    imgs, _ = tiny_images(4, seed=1)
+    from hart_fast.train.scenes import to_tensor_pm1
+
+    f = tok.img_to_latent(to_tensor_pm1(imgs))
+    pn = TINY_TOK["v_patch_nums"]
+    f_hat_st, vq, idx_train, _ = quantize_for_training(tok, f, pn, beta=0.25)
+    idx_inf, _ = tok.latent_to_tokens(f, pn)
+    for a, b in zip(idx_train, idx_inf):
+        assert torch.equal(a, b)
+    ref = tok.tokens_to_latent(idx_inf, pn)
+    torch.testing.assert_close(f_hat_st, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert float(vq) > 0
+
+
+def _encoded(tiny_dir, n=16, seed=0):
+    tr, tok, _ = load_models(tiny_dir)
+    from hart_fast.text_encoder import as_text_encoder
+    from hart_fast.train.scenes import to_tensor_pm1
+    from hart_fast.train.transformer import encode_captions
+
+    imgs, caps = tiny_images(n, seed)
+    data = encode_images(tok, to_tensor_pm1(imgs), TINY_LLM["patch_nums"])
+    enc = as_text_encoder(os.path.join(tiny_dir, "text_encoder"), max_length=tr.cfg.context_token)
+    embeds, masks = encode_captions(enc, caps)
+    data["caption"] = torch.arange(n)
+    return tr, tok, data, embeds, masks, caps, enc
+
+
+def test_transformer_steps_lower_both_losses_on_a_fixed_batch(tiny_dir, tmp_path):
+    tr, tok, data, embeds, masks, _, _ = _encoded(tiny_dir)
+    step = TransformerStep(tr, tok.quantize.embedding.weight, data, embeds, masks, batch=16, seed=0, cond_drop=0.0)
+    step.batch_at = (lambda orig: (lambda s: orig(0)))(step.batch_at)  # the same batch every step
+    torch.manual_seed(0)
+    first = {k: float(v) for k, v in step(0).items()}
+    train_loop(run_dir=str(tmp_path), modules={"t": tr}, step_fn=step, steps=40, lr=3e-3, warmup=4, seed=0,
+               desc="transformer", progress=False)
+    torch.manual_seed(0)
+    last = {k: float(v) for k, v in step(0).items()}
+    assert last["ce"] < 0.7 * first["ce"], (first, last)
+    assert last["diff"] < first["diff"], (first, last)
+
+
+def test_training_pass_gives_the_inference_loops_logits(tiny_dir):
+    """Teacher-forced logits of every scale == what the generation loop computes when
+    it is forced to draw the same codes (guidance 0: the conditional logits)."""
+    from hart_fast.pipeline import HartPipeline
+
+    tr, tok, data, embeds, masks, caps, enc = _encoded(tiny_dir, n=3, seed=5)
+    ctx, mask = embeds.clone(), masks.clone()
+    ctx, mask, pos = uncond_rows_(ctx, mask, torch.zeros(3, dtype=torch.bool))
+    with torch.no_grad():
+        _, logits = full_pass(tr, ctx, mask, pos, data["x_in"])
+    pipe = HartPipeline.from_pretrained(tiny_dir, fast=False)
+    pn = TINY_LLM["patch_nums"]
+    bounds = np.cumsum([0] + [p * p for p in pn])
+    codes = [data["idx"][:, bounds[i]:bounds[i + 1]] for i in range(len(pn))]
+    trace = {}
+    pipe.generate(prompt_embeds=embeds, prompt_mask=masks, guidance_scale=0.0, more_smooth=False,
+                  token_sampler=lambda si, lg: codes[si].to(lg.device), trace=trace)
+    for si in range(len(pn)):
+        got = trace[f"stage{si:02d}/logits"]
+        want = logits[:, bounds[si]:bounds[si + 1]]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_diffusion_loss_is_finite_and_positive():
+    from hart_fast.model.diffusion import SimpleMLPAdaLN
+
+    torch.manual_seed(0)
+    net = SimpleMLPAdaLN(4, 16, 8, 2)
+    loss = diffusion_loss(net, torch.randn(32, 4) * 0.3, torch.randn(32, 8), DiffusionTrainingSchedule())
+    assert torch.isfinite(loss) and float(loss) > 0
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_save_then_from_pretrained_round_trip(tiny_dir, tmp_path):
+    from hart_fast.pipeline import HartPipeline
+
+    tr, tok, _ = load_models(tiny_dir)
+    with torch.no_grad():
+        for p in tr.parameters():
+            p.add_(0.01)  # not the file's weights any more
+    llm, tk = read_configs(tiny_dir)
+    out = save_model_folder(str(tmp_path / "saved"), tr, tok, llm, tk)
+    tr2, tok2, _ = load_models(out)
+    for (k, a), (_, b) in zip(tr.state_dict().items(), tr2.state_dict().items()):
+        assert torch.equal(a, b), k
+    for (k, a), (_, b) in zip(tok.state_dict().items(), tok2.state_dict().items()):
+        assert torch.equal(a, b), k
+    ctx = torch.randn(2, tr.cfg.context_token, TINY_LLM["context_dim"])
+    a = HartPipeline(tr, tok, "cpu", torch.float32, None, fast=False).generate(prompt_embeds=ctx, seed=3)
+    b = HartPipeline.from_pretrained(out, fast=False).generate(prompt_embeds=ctx, seed=3)
+    assert torch.equal(a, b)
+
+
+def test_atomic_save_keeps_the_old_file_when_saving_fails(tmp_path):
+    path = str(tmp_path / "ck.pt")
+    atomic_save({"v": 1}, path)
+
+    class Bad:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        atomic_save({"v": Bad()}, path)
+    assert torch.load(path)["v"] == 1
+    assert os.listdir(tmp_path) == ["ck.pt"]
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tiny_dir, tmp_path):
+    def run(steps, run_dir):
+        _, tok, _ = load_models(tiny_dir)
+        from hart_fast.train.scenes import to_tensor_pm1
+
+        imgs = lambda s: to_tensor_pm1(SceneDataset(10**6, seed=2, size=SIZE).batch(range(4 * s, 4 * s + 4))[0])  # noqa: E731
+        step = TokenizerStep(tok, imgs, TINY_TOK["v_patch_nums"], restart_every=4)
+        train_loop(run_dir=run_dir, modules={"tokenizer": tok}, step_fn=step, steps=steps, lr=1e-3, warmup=2,
+                   seed=7, desc="tokenizer", ckpt_every=3, progress=False)
+        return tok
+
+    whole = run(6, str(tmp_path / "a"))
+    run(3, str(tmp_path / "b"))
+    resumed = run(6, str(tmp_path / "b"))
+    for (k, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+# -- fine-tuning ---------------------------------------------------------------
+
+
+def write_folder(root, n=6, convention="txt", size=SIZE):
+    os.makedirs(root, exist_ok=True)
+    imgs, caps = tiny_images(n, seed=9)
+    rows = []
+    for i, (im, cap) in enumerate(zip(imgs, caps)):
+        name = f"img{i}.png"
+        Image.fromarray(im).resize((size, size)).save(os.path.join(root, name))
+        if convention == "txt":
+            with open(os.path.join(root, f"img{i}.txt"), "w") as f:
+                f.write(cap)
+        rows.append({"file_name": name, "text": cap})
+    if convention == "jsonl":
+        with open(os.path.join(root, "metadata.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return root
+
+
+@pytest.mark.parametrize("convention", ["txt", "jsonl"])
+def test_finetune_a_tiny_official_folder(tiny_dir, tmp_path, convention):
+    data = write_folder(str(tmp_path / "data"), convention=convention)
+    out = finetune(tiny_dir, data, str(tmp_path / "out"), steps=3, batch=4, progress=False)
+    tr0, _, _ = load_models(tiny_dir)
+    tr1, _, _ = load_models(out)
+    assert any(not torch.equal(a, b) for a, b in zip(tr0.state_dict().values(), tr1.state_dict().values()))
+    assert os.path.isdir(os.path.join(out, "text_encoder"))
+    from hart_fast import generate
+
+    img = generate("a red circle on a blue background", model=out)
+    assert img.size == (SIZE, SIZE)
+
+
+def _assert_nothing_written(tmp_path):
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_finetune_refuses_an_empty_folder(tiny_dir, tmp_path):
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(DatasetError, match="no captioned images in .*empty"):
+        finetune(tiny_dir, str(tmp_path / "empty"), str(tmp_path / "out"), steps=1, progress=False)
+    _assert_nothing_written(tmp_path)
+    with pytest.raises(DatasetError, match="not found"):
+        finetune(tiny_dir, str(tmp_path / "nope"), str(tmp_path / "out"), steps=1, progress=False)
+
+
+def test_finetune_refuses_a_missing_caption(tiny_dir, tmp_path):
+    data = write_folder(str(tmp_path / "data"))
+    os.unlink(os.path.join(data, "img2.txt"))
+    with pytest.raises(DatasetError, match="caption file missing for .*img2.png"):
+        finetune(tiny_dir, data, str(tmp_path / "out"), steps=1, progress=False)
+    _assert_nothing_written(tmp_path)
+
+
+def test_finetune_refuses_images_of_the_wrong_size(tiny_dir, tmp_path):
+    data = write_folder(str(tmp_path / "data"), size=SIZE * 2)
+    with pytest.raises(DatasetError, match=r"img0.png' is 16x16, but the model makes 8x8"):
+        finetune(tiny_dir, data, str(tmp_path / "out"), steps=1, progress=False)
+    _assert_nothing_written(tmp_path)
+
+
+def test_finetune_refuses_an_unreadable_image(tiny_dir, tmp_path):
+    data = write_folder(str(tmp_path / "data"))
+    with open(os.path.join(data, "img1.png"), "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(DatasetError, match="cannot read image .*img1.png"):
+        finetune(tiny_dir, data, str(tmp_path / "out"), steps=1, progress=False)
+    _assert_nothing_written(tmp_path)
+
+
+def test_finetune_refuses_bad_metadata(tiny_dir, tmp_path):
+    data = write_folder(str(tmp_path / "data"), convention="jsonl")
+    with open(os.path.join(data, "metadata.jsonl"), "a") as f:
+        f.write('{"file_name": "missing.png", "text": "a red star on a black background"}\n')
+    with pytest.raises(DatasetError, match=r"metadata.jsonl, line 7: image .*missing.png' does not exist"):
+        read_caption_folder(data)
+
+
+def test_finetune_refuses_an_init_of_another_architecture(tiny_dir, tmp_path):
+    data = write_folder(str(tmp_path / "data"))
+    other = str(tmp_path / "other")
+    write_model(other, llm_overrides={"context_dim": 40}, seed=1)
+    import shutil
+
+    shutil.copytree(os.path.join(tiny_dir, "text_encoder"), os.path.join(other, "text_encoder"))
+    with pytest.raises(ValueError, match="hidden size 24, but .*other' expects context_dim 40"):
+        finetune(other, data, str(tmp_path / "out"), steps=1, progress=False)
+    _assert_nothing_written(tmp_path)
+    decode_only = str(tmp_path / "decode_only")
+    write_model(decode_only, with_encoder=False)
+    with pytest.raises(DatasetError, match="no encoder weights"):
+        finetune(decode_only, data, str(tmp_path / "out"), steps=1, progress=False)
+    _assert_nothing_written(tmp_path)
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tiny_dir, tmp_path):
+    _, tok, _ = load_models(tiny_dir)
+    from hart_fast.train.scenes import to_tensor_pm1
+
+    x = to_tensor_pm1(tiny_images(4)[0])
+    train_loop(run_dir=str(tmp_path), modules={"tokenizer": tok}, step_fn=TokenizerStep(tok, lambda s: x, [1, 2, 3, 4]),
+               steps=1, lr=1e-3, warmup=1, seed=0, desc="tokenizer", progress=False)
+    other = str(tmp_path / "m2")
+    write_model(other, tok_overrides={"vocab_size": 48})
+    _, tok2, _ = load_models(other)
+    with pytest.raises(ValueError, match="another architecture"):
+        train_loop(run_dir=str(tmp_path), modules={"tokenizer": tok2},
+                   step_fn=TokenizerStep(tok2, lambda s: x, [1, 2, 3, 4]), steps=2, lr=1e-3, warmup=1, seed=0,
+                   desc="tokenizer", progress=False)
+
+
+def test_load_images_reads_rgb(tmp_path):
+    data = write_folder(str(tmp_path / "d"), n=2)
+    arr = load_images(read_caption_folder(data), SIZE)
+    assert arr.shape == (2, SIZE, SIZE, 3) and arr.dtype == np.uint8
