@@ -337,6 +337,30 @@ def _add_model_and_sampling_args(g) -> None:
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
+def cmd_train(args) -> int:
+    from hart_fast.train.finetune import DatasetError
+
+    try:
+        if args.train_command == "demo":
+            from hart_fast.train import recipe
+
+            argv = ["--work", args.work, "--stage", args.stage] + (["--out", args.out] if args.out else [])
+            return recipe.main(argv)
+        from hart_fast.options import parse_dtype
+        from hart_fast.train.finetune import finetune
+
+        if args.steps < 1 or args.batch < 1:
+            raise UsageError(f"--steps and --batch must be >= 1, got {args.steps} and {args.batch}")
+        autocast = None if args.autocast in (None, "float32", "fp32") else parse_dtype(args.autocast)
+        out = finetune(args.init, args.data, args.out, work_dir=args.work, steps=args.steps, batch=args.batch,
+                       lr=args.lr, seed=args.seed, text_encoder=args.text_encoder, device=args.device,
+                       autocast_dtype=autocast, progress=not args.quiet)
+        print(f"wrote {out}")
+        return 0
+    except (DatasetError, ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hart-fast", description="Fast, faithful HART text-to-image generation.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -369,6 +393,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "one or starts a local one")
     v.add_argument("--replicas", type=int, default=None, help="Ray Serve replicas (default: one per GPU, else 1)")
     v.set_defaults(func=cmd_serve)
+    t = sub.add_parser("train", help="train the demo model, or fine-tune a HART folder on captioned images")
+    tsub = t.add_subparsers(dest="train_command", required=True)
+    td = tsub.add_parser("demo", help="the embedded demo model's recipe (resumable; see hart_fast.train.recipe)")
+    td.add_argument("--work", required=True, help="folder for checkpoints and loss logs (rerun to resume)")
+    td.add_argument("--stage", choices=["tokenizer", "transformer", "export", "all"], default="all")
+    td.add_argument("--out", default=None, help="model folder the export writes (default: WORK/model)")
+    tf = tsub.add_parser("finetune", help="fine-tune the transformer of an official-layout folder")
+    tf.add_argument("--init", required=True, help="the HART folder to start from (with encoder weights)")
+    tf.add_argument("--data", required=True, help="images with captions: metadata.jsonl, or image.png + image.txt")
+    tf.add_argument("--out", required=True, help="where to write the fine-tuned folder (official layout)")
+    tf.add_argument("--work", default=None, help="checkpoints and loss log (default: beside --out); rerun resumes")
+    tf.add_argument("--steps", type=int, default=500)
+    tf.add_argument("--batch", type=int, default=16)
+    tf.add_argument("--lr", type=float, default=2e-4)
+    tf.add_argument("--seed", type=int, default=0)
+    tf.add_argument("--text-encoder", default=None, help="Qwen2 folder (default: INIT/text_encoder)")
+    tf.add_argument("--device", default="cpu")
+    tf.add_argument("--dtype", dest="autocast", default=None,
+                    help="autocast dtype: bfloat16 / float16 (default: float32, no autocast)")
+    tf.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
     i = sub.add_parser("info", help="describe a model folder and the active kernels")
     i.add_argument("model_dir", nargs="?", default=None, help="HART model folder (default: as for generate)")
     i.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

@@ -17,7 +17,7 @@ from hart_fast.train.common import atomic_save, read_loss_log, train_loop
 from hart_fast.train.diffusion_loss import DiffusionTrainingSchedule, diffusion_loss
 from hart_fast.train.export import read_configs, save_model_folder
 from hart_fast.train.finetune import DatasetError, finetune, load_images, read_caption_folder
-from hart_fast.train.scenes import COLOR_NAMES, SHAPES, SIZES, POSITION_PHRASES, SceneDataset
+from hart_fast.train.scenes import SceneDataset, caption_words
 from hart_fast.train.tokenizer import TokenizerStep, quantize_for_training
 from hart_fast.train.transformer import TransformerStep, encode_images, full_pass, uncond_rows_
 from tiny_models import TINY_LLM, TINY_TOK, write_model
@@ -25,18 +25,11 @@ from tiny_models import TINY_LLM, TINY_TOK, write_model
 SIZE = 8  # tiny models: 4x4 last scale, 2x upsampling
 
 
-def scene_words():
-    words = set(COLOR_NAMES) | set(SHAPES) | set(SIZES) | {"a", "and", "on", "background"}
-    for ph in POSITION_PHRASES.values():
-        words |= set(ph.split())
-    return sorted(words)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("tiny") / "model")
     write_model(root, llm_overrides={"context_token": 16}, seed=3)
-    write_text_encoder(os.path.join(root, "text_encoder"), TINY_LLM["context_dim"], seed=4, words=scene_words())
+    write_text_encoder(os.path.join(root, "text_encoder"), TINY_LLM["context_dim"], seed=4, words=caption_words())
     return root
 
 

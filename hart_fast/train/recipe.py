@@ -30,11 +30,11 @@ import torch
 from hart_fast.train.common import step_seed, train_loop
 
 DEMO_TOKENIZER = dict(
-    vocab_size=512, z_channels=16, ch=32, ch_mult=[1, 1, 2, 2], v_patch_nums=[1, 2, 3, 4, 6, 8],
+    vocab_size=512, z_channels=16, ch=64, ch_mult=[1, 1, 1, 1], v_patch_nums=[1, 2, 3, 4, 6, 8],
     quantizer_type="var_hybrid", share_quant_resi=4, quant_resi=0.5,
 )
 DEMO_TRANSFORMER = dict(
-    context_token=32, context_dim=64, depth=4, embed_dim=128, num_heads=4, mlp_ratio=4.0,
+    context_token=24, context_dim=64, depth=4, embed_dim=128, num_heads=4, mlp_ratio=4.0,
     patch_nums=[1, 2, 3, 4, 6, 8], attn_type="llama", mlp_type="gpt2", disable_aln=False,
     shared_aln=False, use_timestep_embed=True, sep_aln_pooling_mode="max", use_context_norm=True,
     diff_width=128, diff_depth=3, num_sampling_steps="8", vae_path=None, cond_drop_rate=0.1,
@@ -45,12 +45,12 @@ DEMO_TRANSFORMER = dict(
 class Recipe:
     seed: int = 0
     image_size: int = 64
-    tok_steps: int = 1500
-    tok_batch: int = 16
-    tok_lr: float = 1.5e-3
-    tr_scenes: int = 24000
-    tr_steps: int = 3000
-    tr_batch: int = 64
+    tok_steps: int = 1000
+    tok_batch: int = 8
+    tok_lr: float = 1e-3
+    tr_scenes: int = 6000
+    tr_steps: int = 2500
+    tr_batch: int = 32
     tr_lr: float = 1e-3
     cond_drop: float = 0.1
 
@@ -89,10 +89,137 @@ def train_tokenizer_stage(work: str, r: Recipe, progress: bool = True):
     return tok
 
 
+def init_transformer_(tr) -> None:
+    """Small normal weights; AdaLN and the residual MLP's modulations start at zero
+    (every block starts as the identity, as DiT's adaLN-Zero and MAR's MLP)."""
+    from hart_fast.model.diffusion import SimpleMLPAdaLN
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in tr.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif name.endswith("bias"):
+                p.zero_()
+        for m in tr.modules():
+            if hasattr(m, "ada_lin"):
+                m.ada_lin[-1].weight.zero_()
+                m.ada_lin[-1].bias.zero_()
+        net = tr.diffloss.net
+        assert isinstance(net, SimpleMLPAdaLN)
+        for blk in list(net.res_blocks) + [net.final_layer]:
+            blk.adaLN_modulation[-1].weight.zero_()
+            blk.adaLN_modulation[-1].bias.zero_()
+        net.final_layer.linear.weight.zero_()
+        net.final_layer.linear.bias.zero_()
+
+
+def text_encoder_stage(work: str, r: Recipe) -> str:
+    """The frozen text encoder: a random 2-layer Qwen2 whose tokenizer has every caption word whole."""
+    from hart_fast.demo import write_text_encoder
+    from hart_fast.train.scenes import caption_words
+
+    path = os.path.join(work, "text_encoder")
+    if not os.path.isdir(path):
+        tmp = path + ".tmp"
+        write_text_encoder(tmp, DEMO_TRANSFORMER["context_dim"], seed=step_seed(r.seed, 0, 20) % 2**31,
+                           words=caption_words())
+        os.replace(tmp, path)
+    return path
+
+
+def load_tokenizer_stage(work: str, r: Recipe):
+    tok = build_tokenizer(DEMO_TOKENIZER, 0)
+    ck = torch.load(os.path.join(work, "tokenizer", "checkpoint.pt"), map_location="cpu", weights_only=False)
+    if ck["step"] < r.tok_steps:
+        raise RuntimeError(f"the tokenizer stage in {work} is at step {ck['step']} of {r.tok_steps}; run it first")
+    tok.load_state_dict(ck["modules"]["tokenizer"])
+    return tok.eval()
+
+
+def encode_stage(work: str, r: Recipe, tok):
+    """Codes of the transformer's training scenes, encoded once (cached in encoded.pt)."""
+    from hart_fast.train.common import atomic_save
+    from hart_fast.train.finetune import encode_dataset
+    from hart_fast.train.scenes import SceneDataset
+
+    path = os.path.join(work, "encoded.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=False)
+    ds = SceneDataset(r.tr_scenes, seed=step_seed(r.seed, 0, 12) % 2**31, size=r.image_size)
+    images, captions = ds.batch(range(len(ds)))
+    data = encode_dataset(tok, images, DEMO_TRANSFORMER["patch_nums"])
+    out = {"data": data, "captions": captions}
+    atomic_save(out, path)
+    return out
+
+
+def build_transformer(tok):
+    from hart_fast.config import TransformerConfig
+    from hart_fast.model.transformer import HartTransformer
+
+    cfg = TransformerConfig.from_dict(dict(DEMO_TRANSFORMER))
+    tr = HartTransformer(cfg, tok.Cvae, tok.V)
+    init_transformer_(tr)
+    return tr
+
+
+def train_transformer_stage(work: str, r: Recipe, progress: bool = True):
+    from hart_fast.text_encoder import as_text_encoder
+    from hart_fast.train.finetune import train_transformer
+
+    tok = load_tokenizer_stage(work, r)
+    enc = encode_stage(work, r, tok)
+    te = as_text_encoder(text_encoder_stage(work, r), max_length=DEMO_TRANSFORMER["context_token"])
+    tr = build_transformer(tok)
+    train_transformer(tr, tok, enc["data"], enc["captions"], te, os.path.join(work, "transformer"),
+                      steps=r.tr_steps, batch=r.tr_batch, lr=r.tr_lr, seed=r.seed, cond_drop=r.cond_drop,
+                      progress=progress)
+    return tr, tok
+
+
+DEMO_README = """# hart-demo
+
+The embedded default model of hart_fast: **a small HART trained on procedural scenes**
+(one or two flat-coloured circles, squares, triangles and stars on a coloured
+background, 64x64), not the HART 0.7B model. It draws prompts such as
+"a small red circle at the top left on a blue background"; it knows 8 colours,
+4 shapes, 2 sizes and 9 positions, and nothing else.
+
+- tokenizer: the hybrid VQ autoencoder (codebook {V}, latent {Cvae} x 8 x 8, scales {pn});
+- transformer: {depth} blocks of width {C}, AdaLN, llama attention, with the residual
+  diffusion MLP ({dw} x {dd});
+- text encoder: a frozen, randomly initialised 2-layer Qwen2 (width {D}) with a
+  byte-level BPE tokenizer that keeps every caption word whole.
+
+Made by `python -m hart_fast.train.recipe --work DIR` (see that module); measured in
+BENCHMARKS.md. Point `--model` / `HART_FAST_MODEL` at a real HART folder for real images.
+"""
+
+
+def export_stage(work: str, r: Recipe, out_dir: str) -> str:
+    from hart_fast.config import TransformerConfig
+    from hart_fast.train.export import save_model_folder
+
+    tok = load_tokenizer_stage(work, r)
+    tr = build_transformer(tok)
+    ck = torch.load(os.path.join(work, "transformer", "checkpoint.pt"), map_location="cpu", weights_only=False)
+    if ck["step"] < r.tr_steps:
+        raise RuntimeError(f"the transformer stage in {work} is at step {ck['step']} of {r.tr_steps}; run it first")
+    tr.load_state_dict(ck["modules"]["transformer"])
+    cfg = TransformerConfig.from_dict(dict(DEMO_TRANSFORMER))
+    readme = DEMO_README.format(V=tok.V, Cvae=tok.Cvae, pn=list(cfg.patch_nums), depth=cfg.depth, C=cfg.embed_dim,
+                                dw=cfg.diff_width, dd=cfg.diff_depth, D=cfg.context_dim)
+    return save_model_folder(out_dir, tr.eval(), tok, DEMO_TRANSFORMER, DEMO_TOKENIZER, store_dtype=torch.float16,
+                             text_encoder_dir=text_encoder_stage(work, r), readme=readme)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="hart_fast.train.recipe", description=__doc__.split("\n")[0])
     ap.add_argument("--work", required=True, help="folder for the stages' checkpoints and logs")
     ap.add_argument("--stage", choices=["tokenizer", "transformer", "export", "all"], default="all")
+    ap.add_argument("--out", default=None, help="where the export stage writes the model folder "
+                                                "(default: WORK/model)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -101,6 +228,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.time()
     if args.stage in ("tokenizer", "all"):
         train_tokenizer_stage(args.work, r)
+    if args.stage in ("transformer", "all"):
+        train_transformer_stage(args.work, r)
+    if args.stage in ("export", "all"):
+        print(export_stage(args.work, r, args.out or os.path.join(args.work, "model")))
     print(f"done in {time.time() - t0:.0f} s")
     return 0
 

@@ -72,6 +72,14 @@ class Scene:
     geometry: Tuple[Tuple[float, float, float], ...] = ()
 
 
+def caption_words() -> List[str]:
+    """Every word a caption can hold (the demo text encoder makes each one token)."""
+    words = set(COLOR_NAMES) | set(SHAPES) | set(SIZES) | {"a", "and", "on", "background"}
+    for phrase in POSITION_PHRASES.values():
+        words |= set(phrase.split())
+    return sorted(words)
+
+
 def is_held_out(color: str, shape: str, background: str) -> bool:
     """Whether an (object colour, shape, background) triple is kept out of training."""
     c, s, b = COLOR_NAMES.index(color), SHAPES.index(shape), COLOR_NAMES.index(background)
@@ -271,5 +279,5 @@ def seen_prompts(n: int, seed: int = 4321) -> List[Scene]:
 
 
 __all__ = ["COLORS", "COLOR_NAMES", "SHAPES", "SIZES", "POSITIONS", "POSITION_PHRASES", "CELL_TO_POSITION",
-           "SceneObject", "Scene", "is_held_out", "sample_scene", "scene_at", "render", "shape_mask",
+           "SceneObject", "Scene", "caption_words", "is_held_out", "sample_scene", "scene_at", "render", "shape_mask",
            "to_tensor_pm1", "SceneDataset", "heldout_prompts", "seen_prompts", "caption_for"]
