@@ -45,7 +45,7 @@ DEMO_TRANSFORMER = dict(
 class Recipe:
     seed: int = 0
     image_size: int = 64
-    tok_steps: int = 1000
+    tok_steps: int = 2000
     tok_batch: int = 8
     tok_lr: float = 1e-3
     tr_scenes: int = 6000
