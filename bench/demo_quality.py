@@ -54,11 +54,9 @@ def tokenizer_psnr(model_dir, n=256):
 
 def old_random_model(tmp):
     """The previous embedded default (seeded random weights), for the chance row."""
-    from hart_fast.demo import DEMO_LLM, DEMO_TOK, write_model_folder, write_text_encoder
+    from hart_fast.demo import build_random_demo
 
-    write_model_folder(tmp, DEMO_LLM, DEMO_TOK, with_encoder=False, seed=2024)
-    write_text_encoder(os.path.join(tmp, "text_encoder"), DEMO_LLM["context_dim"], seed=2025)
-    return tmp
+    return build_random_demo(tmp)
 
 
 def save_grid(path, images, captions, per_row):

@@ -91,8 +91,8 @@ def load_pipeline(model=None, device="cpu", dtype=torch.float32, use_ema=None) -
         if key not in _CACHE:
             log.info("loading HART model %s on %s (%s)", model_name(path), device, str(dtype).replace("torch.", ""))
             if model_name(path) == DEMO_NAME:
-                log.warning("hart_fast: using the embedded demo model (seeded random weights, not a trained "
-                            "model); pass model= or set HART_FAST_MODEL for real images")
+                log.warning("hart_fast: using the embedded demo model (a small HART trained on procedural scenes, "
+                            "not the HART 0.7B model); pass model= or set HART_FAST_MODEL for real images")
             _CACHE[key] = HartPipeline.from_pretrained(path, device=device, dtype=dtype, use_ema=use_ema)
         return _CACHE[key]
 

@@ -1,15 +1,17 @@
 """Writing HART folders in the official on-disk layout, with seeded random weights.
 
-Used for the embedded default model (`hart_fast/assets/hart-demo`) and by the
-tests. The layout is what the official `save_pretrained` writes: `llm/config.json`
+Used by the tests and benchmarks (random models of any shape), by the training
+code (`llm_state_dict` / `tokenizer_state_dict`, `write_text_encoder`), and for
+the previous embedded default (`build_random_demo`, the chance baseline of the
+quality benchmark). The layout is what the official `save_pretrained` writes: `llm/config.json`
 + weights (the transformer state dict with its persistent buffers) and
 `tokenizer/config.json` + weights under `vae.` (discriminator keys under `disc.`
 are ignored by loaders). The demo model also carries `text_encoder/`, a tiny
 Qwen2 LLM with a byte-level tokenizer, so `hart_fast.generate("...")` works
 right after install.
 
-The demo weights are a seeded random initialisation, not a trained model: its
-images are structured noise. Everything that reads them says so.
+The embedded default model (`hart_fast/assets/hart-demo`) is trained: it is written
+by `hart_fast.train.recipe`, not here.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import torch
 
 from hart_fast.config import TokenizerConfig, TransformerConfig
 
-DEMO_NAME = "hart-demo (seeded random weights, not a trained model)"
+DEMO_NAME = "hart-demo (a small HART trained on procedural scenes, not the HART 0.7B model)"
 DEMO_DIR = os.path.join(os.path.dirname(__file__), "assets", "hart-demo")
 
+# The previous embedded default's shape (now the random baseline, build_random_demo).
 DEMO_LLM = dict(
     context_token=32, context_dim=64, depth=2, embed_dim=64, num_heads=4, mlp_ratio=4.0,
     patch_nums=[1, 2, 3, 4, 6, 8], attn_type="llama", mlp_type="gpt2", disable_aln=True,
@@ -193,24 +196,9 @@ def write_text_encoder(path: str, hidden_size: int, seed: int = 0, num_layers: i
     return path
 
 
-def build_demo(root: Optional[str] = None) -> str:
-    """(Re)build the embedded demo model folder; deterministic for a given torch version."""
-    root = root or DEMO_DIR
-    # Decode-only and stored in float16 to keep the package small (about 2 MB).
+def build_random_demo(root: str) -> str:
+    """The previous embedded default: the demo's old shape with seeded random weights
+    (its images are structured noise). Deterministic for a given torch version."""
     write_model_folder(root, DEMO_LLM, DEMO_TOK, with_encoder=False, seed=2024, store_dtype=torch.float16)
     write_text_encoder(os.path.join(root, "text_encoder"), DEMO_LLM["context_dim"], seed=2025)
-    with open(os.path.join(root, "README.md"), "w") as f:
-        f.write(
-            "# hart-demo\n\n"
-            "The embedded default model of hart_fast: the HART architecture at a tiny size "
-            "(64x64 images, 2 blocks of width 64, a 2-layer Qwen2 text encoder with a byte-level "
-            "tokenizer) with **seeded random weights**. It is not a trained model and its images "
-            "are structured noise; it exists so that `hart-fast generate` works right after "
-            "install. Point `--model` / `HART_FAST_MODEL` at a real HART folder for real images.\n\n"
-            "Rebuild with `python -m hart_fast.demo`.\n"
-        )
     return root
-
-
-if __name__ == "__main__":
-    print(build_demo())

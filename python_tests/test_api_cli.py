@@ -284,12 +284,13 @@ def test_cli_info(tiny_dir, capsys):
 
 @pytest.mark.cuda  # the README's command as is: the GPU where there is one
 def test_python_dash_m_and_console_entry(tmp_path):
-    out = tmp_path / "apple.png"
-    r = subprocess.run([sys.executable, "-m", "hart_fast", "generate", "a red apple", "--out", str(out), "-q"],
-                       capture_output=True, text=True, timeout=300)
+    out = tmp_path / "star.png"
+    r = subprocess.run([sys.executable, "-m", "hart_fast", "generate", "a yellow star on a blue background",
+                        "--out", str(out), "-q"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "seeded random weights" in r.stderr  # says plainly which model made it
-    assert "seeded random weights" in Image.open(out).text["hart_fast"]
+    # Says plainly which model made it: a small trained model, not HART 0.7B.
+    assert "trained on procedural scenes, not the HART 0.7B model" in r.stderr
+    assert "trained on procedural scenes, not the HART 0.7B model" in Image.open(out).text["hart_fast"]
 
 
 def test_device_description_and_driver_check(monkeypatch):
