@@ -63,12 +63,13 @@ def autocast_context(device: str, dtype: Optional[torch.dtype]):
 def train_loop(*, run_dir: str, modules: Dict[str, torch.nn.Module], step_fn: Callable[[int], Dict[str, torch.Tensor]],
                steps: int, lr: float, warmup: int, seed: int, desc: str, ckpt_every: int = 100,
                log_every: int = 10, weight_decay: float = 0.0, grad_clip: float = 1.0,
-               extra_state: Optional[Dict] = None, progress: bool = True,
+               extra_state: Optional[Dict] = None, progress: bool = True, fp16: bool = False,
                on_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Dict[str, float]:
     """Train `modules` (all their trainable parameters) for `steps` steps, resumably.
 
     step_fn(step) returns a dict of scalar tensors; its 'loss' is minimised, the
-    rest are logged; a step_fn with state (state_dict / load_state_dict) has it
+    rest are logged; fp16=True (float16 autocast) scales the loss against
+    gradient underflow (torch.amp.GradScaler); a step_fn with state (state_dict / load_state_dict) has it
     checkpointed too. Returns the last logged losses.
     """
     from tqdm.auto import tqdm
@@ -78,6 +79,8 @@ def train_loop(*, run_dir: str, modules: Dict[str, torch.nn.Module], step_fn: Ca
     if not params:
         raise ValueError(f"{desc}: nothing to train (no parameter requires grad)")
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    dev_type = params[0].device.type
+    scaler = torch.amp.GradScaler(dev_type, enabled=fp16)
     ckpt_path = os.path.join(run_dir, CHECKPOINT)
     start = 0
     if os.path.exists(ckpt_path):
@@ -125,10 +128,12 @@ def train_loop(*, run_dir: str, modules: Dict[str, torch.nn.Module], step_fn: Ca
             g["lr"] = lr_at(step, steps, lr, warmup)
         losses = step_fn(step)
         opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        scaler.scale(losses["loss"]).backward()
         if grad_clip:
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         vals = {k: float(v.detach()) for k, v in losses.items()}
         if not math.isfinite(vals["loss"]):
             raise FloatingPointError(f"{desc}: loss is {vals['loss']} at step {step}; lower the learning rate "

@@ -131,7 +131,7 @@ def train_transformer(tr, tok, data: Dict[str, torch.Tensor], captions: Sequence
                            cond_drop=cond_drop, device=device, autocast_dtype=autocast_dtype)
     return train_loop(run_dir=run_dir, modules={"transformer": tr}, step_fn=step, steps=steps, lr=lr,
                       warmup=min(warmup, max(1, steps // 10)), seed=seed, desc="transformer", ckpt_every=100,
-                      log_every=10, progress=progress)
+                      log_every=10, progress=progress, fp16=autocast_dtype == torch.float16)
 
 
 def finetune(init_dir: str, data_dir: str, out_dir: str, *, work_dir: Optional[str] = None, steps: int = 500,

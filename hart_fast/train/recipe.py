@@ -38,6 +38,7 @@ DEMO_TRANSFORMER = dict(
     patch_nums=[1, 2, 3, 4, 6, 8], attn_type="llama", mlp_type="gpt2", disable_aln=False,
     shared_aln=False, use_timestep_embed=True, sep_aln_pooling_mode="max", use_context_norm=True,
     diff_width=128, diff_depth=3, num_sampling_steps="8", vae_path=None, cond_drop_rate=0.1,
+    diffusion_batch_mul=2,
 )
 
 
@@ -49,7 +50,7 @@ class Recipe:
     tok_batch: int = 8
     tok_lr: float = 1e-3
     tr_scenes: int = 6000
-    tr_steps: int = 2500
+    tr_steps: int = 1500
     tr_batch: int = 32
     tr_lr: float = 1e-3
     cond_drop: float = 0.1
@@ -97,6 +98,8 @@ def init_transformer_(tr) -> None:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in tr.named_parameters():
+            if name.endswith(("scale_mul_1H11", "scale_shift_table")):
+                continue  # their constructors' values are the official init
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
             elif name.endswith("bias"):
@@ -144,12 +147,16 @@ def encode_stage(work: str, r: Recipe, tok):
     from hart_fast.train.scenes import SceneDataset
 
     path = os.path.join(work, "encoded.pt")
+    # Which tokenizer made the codes: a retrained tokenizer must not reuse old ones.
+    stamp = float(tok.quantize.embedding.weight.double().sum())
     if os.path.exists(path):
-        return torch.load(path, weights_only=False)
+        cached = torch.load(path, weights_only=False)
+        if cached.get("codebook_sum") == stamp:
+            return cached
     ds = SceneDataset(r.tr_scenes, seed=step_seed(r.seed, 0, 12) % 2**31, size=r.image_size)
     images, captions = ds.batch(range(len(ds)))
     data = encode_dataset(tok, images, DEMO_TRANSFORMER["patch_nums"])
-    out = {"data": data, "captions": captions}
+    out = {"data": data, "captions": captions, "codebook_sum": stamp}
     atomic_save(out, path)
     return out
 

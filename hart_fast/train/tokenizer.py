@@ -112,8 +112,8 @@ class TokenizerStep:
         n = int(which.sum())
         if n == 0:
             return
-        pick = torch.randint(0, pool.shape[0], (n,))
-        noise = 0.01 * pool.std() * torch.randn(n, pool.shape[1])
+        pick = torch.randint(0, pool.shape[0], (n,)).to(pool.device)
+        noise = 0.01 * pool.std() * torch.randn(n, pool.shape[1]).to(pool.device)
         self.tok.quantize.embedding.weight[which] = (pool[pick] + noise).to(self.tok.quantize.embedding.weight.dtype)
 
     def __call__(self, step: int) -> Dict[str, torch.Tensor]:
@@ -125,18 +125,19 @@ class TokenizerStep:
             with torch.no_grad():
                 rest_all = [F.interpolate(f, size=(pn, pn), mode="area").permute(0, 2, 3, 1).reshape(-1, f.shape[1])
                             for pn in self.patch_nums]
-                self._seed_codes(rest_all, torch.ones(tok.V, dtype=torch.bool))
+                self._seed_codes(rest_all, torch.ones(tok.V, dtype=torch.bool, device=f.device))
         self.initialised = True
         f_hat_st, vq, idx_list, rests = quantize_for_training(tok, f, self.patch_nums, self.beta)
         with torch.no_grad():
             for idx in idx_list:
-                self.usage += torch.bincount(idx.reshape(-1), minlength=tok.V).float()
+                self.usage += torch.bincount(idx.reshape(-1), minlength=tok.V).float().cpu()
         if (step + 1) % self.restart_every == 0:
-            self._seed_codes([r.detach() for r in rests], self.usage == 0)
+            self._seed_codes([r.detach() for r in rests], (self.usage == 0).to(f.device))
             self.usage.zero_()
         B = x.shape[0]
-        half = B // 2
-        # HART's hybrid training: codes-only latents for one half, continuous for the other.
+        # HART's hybrid training: codes-only latents for one half, continuous for the
+        # other (a batch of one flips a coin per step, as the official recipe does per batch).
+        half = B // 2 if B > 1 else int(torch.rand(()) < 0.5)
         z = torch.cat([f_hat_st[:half], f[half:]])
         rec = tok.decoder(tok.post_quant_conv(z))
         mse = F.mse_loss(rec, x)

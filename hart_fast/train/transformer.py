@@ -123,14 +123,18 @@ class TransformerStep:
             with torch.no_grad():
                 lg = filter_top_k_top_p_(logits[:, -self.last:].float().clone(), min(600, tr.V), 0.96)
                 probs = lg.softmax(-1).reshape(-1, tr.V)
-                sampled = torch.multinomial(probs.cpu(), 1, generator=g).view(self.batch, self.last).to(dev)
+                gs = torch.Generator(device=probs.device).manual_seed(step_seed(self.seed, step, 4))
+                sampled = torch.multinomial(probs, 1, generator=gs).view(self.batch, self.last)
             discrete = self.E[sampled]                                         # (B, P*P, Cvae)
             with autocast_context(dev, self.autocast_dtype):
                 z = tr.decoder_norm(h[:, -self.last:] + tr.word_embed(discrete.to(tr.word_embed.weight.dtype)))
                 target = d["last_rest"].to(dev).float() - discrete
                 gd = torch.Generator(device=dev).manual_seed(step_seed(self.seed, step, 3))
-                dl = diffusion_loss(tr.diffloss.net, target.reshape(-1, target.shape[-1]),
-                                    z.reshape(-1, z.shape[-1]), self.sched, generator=gd)
+                # As the official forward_diff_loss: every (condition, target) pair is
+                # used diffusion_batch_mul times, with its own timestep and noise each.
+                k = max(1, int(tr.cfg.diffusion_batch_mul))
+                dl = diffusion_loss(tr.diffloss.net, target.reshape(-1, target.shape[-1]).repeat(k, 1),
+                                    z.reshape(-1, z.shape[-1]).repeat(k, 1), self.sched, generator=gd)
             out["diff"] = dl
             loss = loss + dl
         out["loss"] = loss
