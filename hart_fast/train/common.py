@@ -47,6 +47,7 @@ def atomic_save(obj, path: str) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's owner-only mode is not what a saved file should have
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -51,6 +51,11 @@ def save_model_folder(root: str, transformer, tokenizer, llm_config: dict, token
         if readme is not None:
             with open(os.path.join(tmp, "README.md"), "w") as f:
                 f.write(readme)
+        # mkdtemp / safetensors leave owner-only modes; a model folder is for everyone to read.
+        for d, _, files in os.walk(tmp):
+            os.chmod(d, 0o755)
+            for f in files:
+                os.chmod(os.path.join(d, f), 0o644)
         old = None
         if os.path.exists(root):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}-old-", dir=parent)

@@ -1,0 +1,60 @@
+"""The embedded demo model is a trained artefact: its size, its name, and its
+prompt adherence on held-out prompts (a regression in it must fail here).
+
+The floors sit below the values measured in BENCHMARKS.md ("The trained demo
+model") by a margin for the small sample; the measurement uses more prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from hart_fast.demo import DEMO_DIR, DEMO_NAME
+from hart_fast.eval.judge import accuracy, judge
+from hart_fast.eval.quality import generate_images
+from hart_fast.train.scenes import heldout_prompts
+
+# Per-attribute floors on 8 held-out prompts x 2 images, default settings, for the
+# attributes the current demo gets right well above chance (measured on this set:
+# background 81%, position 38%; chance 12% and 11%; the previous random-weight demo
+# scores 10% and 6% on the larger set). Object colour and shape are at chance today
+# (BENCHMARKS.md), so they have no floor yet; raise these when the demo improves.
+FLOORS = {"background": 0.6, "position": 0.2}
+
+
+def test_the_demo_is_small_and_says_what_it_is():
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(DEMO_DIR) for f in fs)
+    assert total <= 20 * 2**20, f"the embedded demo is {total / 2**20:.1f} MB (the budget is 20 MB)"
+    with open(os.path.join(DEMO_DIR, "README.md")) as f:
+        readme = f.read()
+    assert "trained on procedural scenes" in readme and "not the HART 0.7B model" in readme
+    assert "not the HART 0.7B model" in DEMO_NAME
+    with open(os.path.join(DEMO_DIR, "llm", "config.json")) as f:
+        assert json.load(f)["model_type"] == "hart_transformer_t2i"
+
+
+@pytest.fixture(scope="module")
+def held_out_run():
+    scenes = heldout_prompts(8)
+    images = generate_images(None, [s.caption for s in scenes], 2)
+    return scenes, images
+
+
+def test_the_demo_follows_held_out_prompts(held_out_run):
+    scenes, images = held_out_run
+    acc = accuracy([judge(im) for im in images], [s for s in scenes for _ in range(2)])
+    for attr, floor in FLOORS.items():
+        assert acc[attr] >= floor, (attr, acc)
+
+
+def test_the_prompt_matters(held_out_run):
+    """Scored against the prompt they were made for, the images do better than
+    scored against another prompt (the text conditioning reaches the picture)."""
+    scenes, images = held_out_run
+    js = [judge(im) for im in images]
+    own = accuracy(js, [s for s in scenes for _ in range(2)])
+    other = accuracy(js, [s for s in scenes[1:] + scenes[:1] for _ in range(2)])
+    assert own["background"] > other["background"] + 0.3, (own, other)
