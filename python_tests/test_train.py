@@ -300,3 +300,29 @@ def test_load_images_reads_rgb(tmp_path):
     data = write_folder(str(tmp_path / "d"), n=2)
     arr = load_images(read_caption_folder(data), SIZE)
     assert arr.shape == (2, SIZE, SIZE, 3) and arr.dtype == np.uint8
+
+
+def test_cli_train_finetune_reports_bad_input_and_writes_nothing(tiny_dir, tmp_path, capsys):
+    from hart_fast.cli import main as run_cli
+
+    os.makedirs(tmp_path / "empty")
+    code = run_cli(["train", "finetune", "--init", tiny_dir, "--data", str(tmp_path / "empty"),
+                    "--out", str(tmp_path / "out"), "-q"])
+    assert code == 2
+    assert "no captioned images in" in capsys.readouterr().err
+    _assert_nothing_written(tmp_path)
+    assert run_cli(["train", "finetune", "--init", tiny_dir, "--data", str(tmp_path / "empty"),
+                    "--out", str(tmp_path / "out"), "--steps", "0"]) == 2
+    assert "--steps and --batch must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_train_finetune_writes_a_loadable_folder(tiny_dir, tmp_path):
+    from hart_fast.cli import main as run_cli
+
+    data = write_folder(str(tmp_path / "data"), convention="jsonl")
+    assert run_cli(["train", "finetune", "--init", tiny_dir, "--data", data, "--out", str(tmp_path / "out"),
+                    "--steps", "2", "--batch", "2", "-q"]) == 0
+    tr, tok, _ = load_models(str(tmp_path / "out"))
+    assert tok.has_encoder
+    log = read_loss_log(str(tmp_path / ".out-run" / "transformer"))
+    assert log[-1]["step"] == 1 and "ce" in log[-1] and "diff" in log[-1]
