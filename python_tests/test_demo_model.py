@@ -22,7 +22,9 @@ from hart_fast.train.scenes import heldout_prompts
 # background 81%, position 38%; chance 12% and 11%; the previous random-weight demo
 # scores 10% and 6% on the larger set). Object colour and shape are at chance today
 # (BENCHMARKS.md), so they have no floor yet; raise these when the demo improves.
-FLOORS = {"background": 0.6, "position": 0.2}
+# With 16 images the floors leave room for another CPU's rounding to change a few
+# draws (binomial tails under 1% at the measured rates).
+FLOORS = {"background": 0.5, "position": 0.15}
 
 
 def test_the_demo_is_small_and_says_what_it_is():
