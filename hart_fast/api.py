@@ -43,6 +43,9 @@ class GenerationSettings:
     diffusion_temperature: float = 1.0
     use_system_prompt: bool = True
     max_length: Optional[int] = None  # None = the model's context_token (300 for HART)
+    speed: str = "exact"              # hart_fast.speed: 'exact', 'balanced' or 'fastest'
+    guidance_until: Optional[int] = None  # a speed lever: CFG on the first g scales only
+    prune_ratios: Optional[Tuple[float, ...]] = None  # a speed lever: token pruning at the last scales
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -178,7 +181,8 @@ def iter_generate(
     # Every option is checked before any work, so a bad value never costs a model run.
     pipe.validate_options(guidance_scale=settings.guidance_scale, top_k=settings.top_k, top_p=settings.top_p,
                           diffusion_steps=settings.diffusion_steps, diffusion_temperature=settings.diffusion_temperature,
-                          seed=settings.seed)
+                          seed=settings.seed, speed=settings.speed, guidance_until=settings.guidance_until,
+                          prune_ratios=settings.prune_ratios)
     if prompt_embeds is not None:
         if prompts is not None:
             raise ValueError("pass either prompts or prompt_embeds, not both")
@@ -213,6 +217,7 @@ def iter_generate(
                 top_p=settings.top_p, more_smooth=settings.more_smooth,
                 residual_diffusion=settings.residual_diffusion, diffusion_steps=settings.diffusion_steps,
                 diffusion_temperature=settings.diffusion_temperature, output_type="pt",
+                speed=settings.speed, guidance_until=settings.guidance_until, prune_ratios=settings.prune_ratios,
             )
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if is_out_of_memory(e):
@@ -249,7 +254,10 @@ def generate(
     Options (defaults are the official sampler's): guidance_scale (alias cfg)=4.5,
     seed=0, top_k=None (official per-stage schedule), top_p=0.0, more_smooth=True,
     residual_diffusion=True, diffusion_steps=None (the config's, 8),
-    diffusion_temperature=1.0, use_system_prompt=True, max_length=None.
+    diffusion_temperature=1.0, use_system_prompt=True, max_length=None;
+    speed='exact' (or 'balanced' / 'fastest': opt-in presets of faster levers,
+    hart_fast.speed) and its levers guidance_until=None (CFG on the first g scales
+    only) and prune_ratios=None (token pruning at the last scales, e.g. (0.5, 0.75)).
     Image k of the run (prompt-major) uses seed + k, whatever `batch_size`: an
     image depends on its own prompt, seed and settings only.
     Returns a list of PIL images ("pil", the default) or an (N, 3, H, W) float

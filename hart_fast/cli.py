@@ -137,7 +137,8 @@ def cmd_generate(args) -> int:
     count = len(prompts) * args.n
     try:  # the options that need no model first: a bad one costs no load and writes nothing
         validate_options(settings.guidance_scale, settings.top_k, settings.top_p, settings.diffusion_steps,
-                         settings.diffusion_temperature, settings.seed)
+                         settings.diffusion_temperature, settings.seed, speed=settings.speed,
+                         guidance_until=settings.guidance_until, prune_ratios=settings.prune_ratios)
         flt = load_prompt_filter(args.prompt_filter)
     except ValueError as e:
         raise UsageError(str(e)) from e
@@ -151,7 +152,8 @@ def cmd_generate(args) -> int:
     try:
         pipe = load_pipeline(model_path, args.device, args.dtype)
         pipe.validate_options(settings.guidance_scale, settings.top_k, settings.top_p, settings.diffusion_steps,
-                              settings.diffusion_temperature, settings.seed)
+                              settings.diffusion_temperature, settings.seed, settings.speed, settings.guidance_until,
+                              settings.prune_ratios)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise UsageError(str(e)) from e
     names = _plan_outputs(args.out, count, args.grid)  # checked writable before any generation
@@ -201,7 +203,8 @@ def _settings_from_args(args):
         guidance_scale=args.cfg, seed=args.seed, top_k=args.top_k, top_p=args.top_p,
         more_smooth=not args.no_more_smooth, residual_diffusion=not args.no_residual,
         diffusion_steps=args.diffusion_steps, diffusion_temperature=args.diffusion_temperature,
-        use_system_prompt=not args.no_system_prompt,
+        use_system_prompt=not args.no_system_prompt, speed=args.speed, guidance_until=args.guidance_until,
+        prune_ratios=args.prune_ratios,
     )
 
 
@@ -320,6 +323,14 @@ def _add_model_args(g) -> None:
                    help="function(prompt) -> None to accept, or the reason to refuse")
 
 
+def _ratios(text: str):
+    """--prune-ratios: comma-separated fractions (range-checked with the other options)."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.5,0.75, got {text!r}")
+
+
 def _add_model_and_sampling_args(g) -> None:
     """The options generate and batch share: model, sampling, device."""
     _add_model_args(g)
@@ -334,6 +345,15 @@ def _add_model_and_sampling_args(g) -> None:
     g.add_argument("--diffusion-steps", type=int, default=None, help="residual diffusion steps (default: the model's, 8)")
     g.add_argument("--diffusion-temperature", type=float, default=1.0)
     g.add_argument("--no-system-prompt", action="store_true", help="encode prompts without the LLM system prompt")
+    g.add_argument("--speed", choices=["exact", "balanced", "fastest"], default="exact",
+                   help="exact (default: the official algorithm) or an opt-in faster preset; what each costs in "
+                        "quality is in BENCHMARKS.md")
+    g.add_argument("--guidance-until", type=int, default=None, metavar="G",
+                   help="a speed lever: classifier-free guidance on the first G scales only (negative: counted "
+                        "from the end); overrides the preset's")
+    g.add_argument("--prune-ratios", type=_ratios, default=None, metavar="R,R",
+                   help="a speed lever: prune these fractions of the tokens of the last scales, e.g. 0.5,0.75 "
+                        "(FastVAR's HART setting); overrides the preset's")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 

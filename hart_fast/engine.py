@@ -42,11 +42,14 @@ import torch
 import torch.nn.functional as F
 
 from hart_fast import ops
+from hart_fast.generation import first_rows
 from hart_fast.kernel_plan import KernelPlan
 from hart_fast.model.diffusion_fast import release_graph, sample_residual_fast
 from hart_fast.model.transformer import AdaLNSelfAttn, FFN, HartTransformer, LlamaMLP
 from hart_fast.ops.triton_epilogues import gated_residual, gated_residual_reference
 from hart_fast.ops.vq_glue import next_scale_input_fast
+from hart_fast.pruning import gather_tokens, pivotal_tokens, restore
+from hart_fast.sampling import filter_top_k_top_p_
 
 
 class _BlockWeights:
@@ -92,8 +95,9 @@ class StageState:
         self.attn_backend = [plan.attention_backend(e - s, B2 * H, e) for s, e in slices]
         self.mods: Optional[List] = None
         self.head_mod: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
-        self.out: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        # Keyed by (stage, rows): rows is B2, or B2 // 2 once the unconditional half is dropped.
+        self.graphs: Dict[Tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.out: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 class FastEngine:
@@ -117,7 +121,7 @@ class FastEngine:
         self._qkv_rope_cache = ops.qkv_rope_cache if self.plan.use_compiled_qkv else ops.qkv_rope_cache_reference
 
     # -- one transformer pass over a stage ---------------------------------------
-    def _block(self, bw: _BlockWeights, x, pending, mod, cos, sin, st: StageState, layer: int, start: int,
+    def _block(self, bw: _BlockWeights, x, pending, mod, cos, sin, k_cache, v_cache, start: int,
                kv_len: int, attn_backend: str):
         """One block; returns (x, pending) where pending = (ffn_out, gamma2) is the
         block's last gated residual add, left for the next norm to fuse."""
@@ -131,37 +135,95 @@ class FastEngine:
             x, h = ops.add_rms_norm_modulate(x, pending[0], pending[1], bw.norm_w, scale1, shift1, bw.eps)
         qkv = F.linear(h, bw.qkv_w, bw.qkv_b)
         # qkv already carries its bias (inside F.linear, as the official code adds it).
-        q = self._qkv_rope_cache(qkv, None, cos, sin, st.k[layer], st.v[layer], start, bw.scale_mul)
-        a = bw.proj(ops.attention(q, st.k[layer], st.v[layer], kv_len, bw.scale, backend=attn_backend))
+        q = self._qkv_rope_cache(qkv, None, cos, sin, k_cache, v_cache, start, bw.scale_mul)
+        a = bw.proj(ops.attention(q, k_cache, v_cache, kv_len, bw.scale, backend=attn_backend))
         x, h = ops.add_rms_norm_modulate(x, a, gamma1, bw.norm_w, scale2, shift2, bw.eps)
         return x, (_ffn(bw.ffn, h), gamma2)
 
-    def _stage_forward(self, st: StageState, si: int):
+    def _stage_forward(self, st: StageState, si: int, rows: Optional[int] = None):
+        """The stage over the first `rows` rows of the static state: all of them, or
+        the conditional half once the unconditional branch is dropped (views, so the
+        cache the earlier stages wrote is what the conditional rows read)."""
         start, end = self.tr.stage_slices()[si]
-        x, pending = st.x[si], None
+        rows = st.x[si].shape[0] if rows is None else rows
+        full = rows == st.x[si].shape[0]
+        mods = st.mods if full else first_rows(st.mods, rows)
+        head_mod = st.head_mod if full else first_rows(st.head_mod, rows)
+        x, pending = st.x[si][:rows], None
+        cos, sin = st.cos[si][:rows], st.sin[si][:rows]
         for i, bw in enumerate(self.blocks):
-            x, pending = self._block(bw, x, pending, st.mods[i], st.cos[si], st.sin[si], st, i, start, end,
+            x, pending = self._block(bw, x, pending, mods[i], cos, sin, st.k[i][:rows], st.v[i][:rows], start, end,
                                      st.attn_backend[si])
         f, gamma2 = pending
         x = x + f if gamma2 is None else self._last_add(x, gamma2, f)
-        return x, self.tr.logits(x, st.head_mod)
+        return x, self.tr.logits(x, head_mod)
 
-    def _run_stage(self, st: StageState, si: int):
+    def _run_stage(self, st: StageState, si: int, rows: Optional[int] = None):
+        rows = st.x[si].shape[0] if rows is None else rows
         if not self.use_cuda_graphs:
-            return self._stage_forward(st, si)
-        if si not in st.graphs:
+            return self._stage_forward(st, si, rows)
+        key = (si, rows)  # a stage with and without its unconditional half: two graphs
+        if key not in st.graphs:
             # Warm up on a side stream (allocator pools, lazy inits), then capture.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._stage_forward(st, si)
+                self._stage_forward(st, si, rows)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                st.out[si] = self._stage_forward(st, si)
-            st.graphs[si] = graph
-        st.graphs[si].replay()
-        return st.out[si]
+                st.out[key] = self._stage_forward(st, si, rows)
+            st.graphs[key] = graph
+        st.graphs[key].replay()
+        return st.out[key]
+
+    # -- the pruning lever's stages (eager: which tokens run depends on the input) --
+    def _block_unfused(self, bw: _BlockWeights, x, mod, cos, sin, k_cache, v_cache, start: int, attn_backend: str,
+                       n_keep: Optional[int] = None, ref=None, pn: int = 0):
+        """One block with plain residual adds; returns (x, (attention out, FFN out)),
+        the outputs before their gates.  With n_keep, the attention and the FFN run
+        on the pivotal tokens only and `ref` (the reference stage's outputs of this
+        block) refills the rest (hart_fast.pruning); n_keep keys are cached at start."""
+        g1, g2, s1, s2, h1, h2 = (None,) * 6 if mod is None else mod
+        if n_keep is None:
+            xa, ca, sa = x, cos, sin
+        else:
+            idx = pivotal_tokens(x, n_keep)
+            xa, ca, sa = gather_tokens(x, idx), gather_tokens(cos, idx), gather_tokens(sin, idx)
+        h = ops.rms_norm_modulate(xa, bw.norm_w, s1, h1, bw.eps)
+        q = self._qkv_rope_cache(F.linear(h, bw.qkv_w, bw.qkv_b), None, ca, sa, k_cache, v_cache, start,
+                                 bw.scale_mul)
+        a = bw.proj(ops.attention(q, k_cache, v_cache, start + xa.shape[1], bw.scale, backend=attn_backend))
+        if n_keep is not None:
+            a = restore(ref[0], a, idx, pn)
+        x = x + (a if g1 is None else a * g1)
+        if n_keep is None:
+            xf = x
+        else:
+            idx = pivotal_tokens(x, n_keep)
+            xf = gather_tokens(x, idx)
+        f = _ffn(bw.ffn, ops.rms_norm_modulate(xf, bw.norm_w, s2, h2, bw.eps))
+        if n_keep is not None:
+            f = restore(ref[1], f, idx, pn)
+        return x + (f if g2 is None else f * g2), (a, f)
+
+    def _prune_stage(self, st: StageState, si: int, x, rows: int):
+        """The reference stage (recording its sub-layer outputs) or a pruned stage."""
+        p = self.prune
+        n_keep = p.keep.get(si)
+        full = rows == st.x[si].shape[0]
+        mods = st.mods if full else first_rows(st.mods, rows)
+        head_mod = st.head_mod if full else first_rows(st.head_mod, rows)
+        cos, sin = st.cos[si][:rows], st.sin[si][:rows]
+        recorded = []
+        for i, bw in enumerate(self.blocks):
+            x, outs = self._block_unfused(bw, x, mods[i], cos, sin, st.k[i][:rows], st.v[i][:rows], self.offset,
+                                          st.attn_backend[si], n_keep,
+                                          None if n_keep is None else self.ref_outputs[i], p.patch_nums[si])
+            recorded.append(outs)
+        if n_keep is None:
+            self.ref_outputs = recorded
+        return x, self.tr.logits(x, head_mod)
 
     # -- static state per batch size ---------------------------------------------
     def state(self, B2: int) -> StageState:
@@ -215,8 +277,12 @@ class FastEngine:
         return out
 
     # -- the backend interface (hart_fast.generation) ----------------------------
-    def begin(self, mods, head_mod, pos2):
+    def begin(self, mods, head_mod, pos2, prune=None):
         tr = self.tr
+        self.prune = prune          # a hart_fast.pruning.PrunePlan, or None
+        self.offset = 0             # the cache's filled length: where the next stage writes
+        self.ref_outputs = None     # per block, the reference stage's (attention, FFN) outputs
+        self.stage_work = []        # (stage, rows, tokens per block) of every pass: what really ran
         st = self.state(pos2.shape[0])
         st.mods = self._set_static(st.mods, mods)
         st.head_mod = self._set_static([st.head_mod], [head_mod])[0]
@@ -225,14 +291,31 @@ class FastEngine:
             st.cos[si].copy_(cos)
             st.sin[si].copy_(sin)
         self._st = st
+        self._rows = pos2.shape[0]
 
     def stage(self, si, x_2BlC):
-        st = self._st
-        st.x[si].copy_(x_2BlC)  # into the static buffer the graph reads
-        return self._run_stage(st, si)
+        st, p, rows = self._st, self.prune, self._rows
+        tokens = x_2BlC.shape[1]
+        if p is not None and (si in p.keep or si == p.reference_stage):
+            out = self._prune_stage(st, si, x_2BlC, rows)
+            tokens = p.keep.get(si, tokens)
+        else:
+            # Stages before the pruned ones (always a suffix) write where the static graphs expect.
+            assert self.offset == self.tr.stage_slices()[si][0]
+            st.x[si][:rows].copy_(x_2BlC)  # into the static buffer the graph reads
+            out = self._run_stage(st, si, rows)
+        self.offset += tokens
+        self.stage_work.append((si, rows, tokens))
+        return out
+
+    def drop_unconditional(self):
+        self._rows = self._st.x[0].shape[0] // 2
+        self.ref_outputs = first_rows(self.ref_outputs, self._rows)
 
     @staticmethod
     def guide(logits_2BlV, t, top_k, top_p):
+        if t is None:  # conditional rows only: no CFG to fuse
+            return filter_top_k_top_p_(logits_2BlV.clone(), top_k, top_p)
         return ops.cfg_top_k_filter(logits_2BlV, t, top_k, top_p)
 
     def next_scale_input(self, si, f_hat, h_BChw):

@@ -8,10 +8,14 @@ diffusion) -> the decoder's input latent f_hat.
 What a backend supplies (the reference one is `hart_fast.reference.ReferenceBackend`,
 the kernel one `hart_fast.engine.FastEngine`):
 
-    begin(mods, head_mod, pos2)        per-call state: KV cache, modulations, RoPE tables
+    begin(mods, head_mod, pos2, prune) per-call state: KV cache, modulations, RoPE tables, and
+                                       the token-pruning plan (hart_fast.pruning.PrunePlan or None)
     stage(si, x_2BlC) -> (h, logits)   one transformer pass over stage si (both CFG halves);
                                        logits (2B, l, V) float32, before CFG
-    guide(logits, t, top_k, top_p)     CFG combine + top-k / top-p filter: (B, l, V)
+    drop_unconditional()               from now on stage() runs the conditional rows only
+                                       (x and logits of B rows; the `guidance_until` lever)
+    guide(logits, t, top_k, top_p)     CFG combine + top-k / top-p filter: (B, l, V);
+                                       t None: logits are conditional rows only, no CFG
     next_scale_input(si, f_hat, h)     grow f_hat by the stage's code map, area-resize it
     sample_residual(net, z, t, sched, *, temperature, x_init_NC, noise_fn)
                                        the residual diffusion of the last scale
@@ -25,6 +29,14 @@ residual-diffusion noise only from generators seeded with its own seed
 (`row_seeds`), so an image depends on its prompt, seed and settings, not on
 which other prompts share its batch or where it sits in it.
 
+Speed levers (hart_fast.speed; all off by default, where the loop is the
+official algorithm): `guidance_until` g runs classifier-free guidance on the
+first g scales only (negative: counted from the end); from scale g on only the
+conditional rows go through the transformer (half the work of those stages) and
+the codes and the residual diffusion are drawn unguided. `prune_ratios` prunes
+tokens inside the blocks of the last scales (hart_fast.pruning; the backend
+does it, the loop is unchanged).
+
 A trace (dict) records, on both backends alike: `stageXX/x` (the stage's input,
 both CFG halves), `stageXX/logits` (CFG-combined, before top-k: what a token
 sampler sees), `stageXX/idx`, `stageXX/f_hat`, `stageXX/next_input_latent`,
@@ -37,6 +49,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+from hart_fast.pruning import PrunePlan
 from hart_fast.sampling import cfg_combine, cfg_ratio, gumbel_mix, multinomial_sample, official_top_k
 
 TokenSampler = Callable[[int, torch.Tensor], torch.Tensor]
@@ -45,7 +58,8 @@ TokenSampler = Callable[[int, torch.Tensor], torch.Tensor]
 def generate_latent(tr, tok, backend, prompt_embeds, prompt_mask, *, guidance_scale, seed, top_k, top_p,
                     more_smooth, residual_diffusion, schedule, diffusion_temperature, residual_latents,
                     token_sampler: Optional[TokenSampler], trace: Optional[dict] = None,
-                    diffusion_noise_fn=None) -> torch.Tensor:
+                    diffusion_noise_fn=None, guidance_until: Optional[int] = None,
+                    prune_ratios: Optional[Sequence[float]] = None) -> torch.Tensor:
     """The decoder's input latent f_hat (B, Cvae, P, P) float32 for validated inputs.
 
     tr / tok: the HartTransformer and HartTokenizer (on the run's device and dtype);
@@ -63,16 +77,22 @@ def generate_latent(tr, tok, backend, prompt_embeds, prompt_mask, *, guidance_sc
     mask2, pos2 = cfg_doubled_mask_and_positions(prompt_mask, B, T, dev)
     cond_BTC = tr.condition(prompt_embeds.to(dev))                         # (2B, T, C)
     block_mods, head_mod = tr.modulations(cond_BTC, mask2)
-    backend.begin(block_mods, head_mod, pos2)
+    backend.begin(block_mods, head_mod, pos2, PrunePlan.build(cfg.patch_nums, prune_ratios))
     lvl_pos = tr.level_embeddings()                                        # (1, total, C)
     slices = tr.stage_slices()
     f_hat = torch.zeros(B, Cvae, P, P, device=dev, dtype=torch.float32)
+
+    n_guided = guided_stages(guidance_until, S)
 
     x = cond_BTC + lvl_pos[:, :T]
     for si, pn in enumerate(cfg.patch_nums):
         last = si == S - 1
         ratio = cfg_ratio(si, S)
-        t = guidance_scale * ratio
+        guided = si < n_guided
+        if si == n_guided:  # the unconditional branch ends here; the conditional rows go on alone
+            backend.drop_unconditional()
+            x = x[:B]
+        t = guidance_scale * ratio if guided else None
         if trace is not None:
             trace[f"stage{si:02d}/x"] = x.clone()
         h, raw = backend.stage(si, x)
@@ -80,12 +100,12 @@ def generate_latent(tr, tok, backend, prompt_embeds, prompt_mask, *, guidance_sc
             raw = raw[:, -1:]  # the 1x1 map comes from the last context position
         k = official_top_k(si) if top_k is None else top_k
         if trace is not None:
-            trace[f"stage{si:02d}/logits"] = cfg_combine(raw, t)
+            trace[f"stage{si:02d}/logits"] = cfg_combine(raw, t) if guided else raw.clone()
         if token_sampler is None:
             logits = backend.guide(raw, t, k, top_p)
             idx_Bl = multinomial_sample(logits, generators)
         else:
-            idx_Bl = _call_token_sampler(token_sampler, si, cfg_combine(raw, t))
+            idx_Bl = _call_token_sampler(token_sampler, si, cfg_combine(raw, t) if guided else raw)
             logits = backend.guide(raw, t, k, top_p) if more_smooth else None  # Gumbel sees filtered logits
         if trace is not None:
             trace[f"stage{si:02d}/idx"] = idx_Bl.clone()
@@ -98,7 +118,8 @@ def generate_latent(tr, tok, backend, prompt_embeds, prompt_mask, *, guidance_sc
                 trace[f"stage{si:02d}/next_input_latent"] = nxt.clone()
             s_next, e_next = slices[si + 1]
             x = tr.word_embed(nxt.reshape(B, Cvae, -1).transpose(1, 2).to(dt)) + lvl_pos[:, s_next:e_next]
-            x = x.repeat(2, 1, 1)  # both CFG halves see the same next-scale input
+            if si + 1 < n_guided:
+                x = x.repeat(2, 1, 1)  # both CFG halves see the same next-scale input
             continue
         # The last scale: discrete codes plus the continuous residual (no phi).
         tokens_BLC = h_BlC
@@ -121,14 +142,20 @@ def residual_tokens(tr, backend, h_2BLC, idx_BL, codebook_f, t, seeds, schedule,
     """The residual diffusion of the last scale: (B, L, Cvae) float32.
 
     The MLP is conditioned on decoder_norm(h + word_embed(codebook[idx])) for
-    both CFG halves and guided with the stage's t.  Without noise_fn the noise
+    both CFG halves and guided with the stage's t; t None (the last stage ran
+    unguided, h_2BLC holds the conditional rows only): the sampler's unguided
+    path (cfg 1), which reads only the first half of its doubled conditions.  Without noise_fn the noise
     is drawn per row on the CPU (`row_noise_fn`), so a seed gives the same
     residual on every device and in every batch.
     """
     B, L = idx_BL.shape
     dt = tr.word_embed.weight.dtype
     discrete = tr.word_embed(codebook_f[idx_BL].to(dt))
-    z = tr.decoder_norm(h_2BLC + torch.cat([discrete, discrete], dim=0)).reshape(2 * B * L, -1)
+    if t is None:
+        z = tr.decoder_norm(h_2BLC + discrete).reshape(B * L, -1)
+        z, t = torch.cat([z, z]), 1.0
+    else:
+        z = tr.decoder_norm(h_2BLC + torch.cat([discrete, discrete], dim=0)).reshape(2 * B * L, -1)
     if trace is not None:
         trace["diffusion/z"] = z.clone()
     x_init = None if residual_latents is None else residual_latents.reshape(B * L, -1)
@@ -140,6 +167,27 @@ def residual_tokens(tr, backend, h_2BLC, idx_BL, codebook_f, t, seeds, schedule,
     if trace is not None:
         trace["residual"] = resid.clone()
     return resid
+
+
+def guided_stages(guidance_until: Optional[int], num_stages: int) -> int:
+    """How many scales, from the first, run classifier-free guidance (all for None)."""
+    if guidance_until is None:
+        return num_stages
+    if isinstance(guidance_until, bool) or not isinstance(guidance_until, int) \
+            or not -num_stages <= guidance_until <= num_stages:
+        raise ValueError(f"guidance_until must be None or an integer in [{-num_stages}, {num_stages}] for this "
+                         f"model's {num_stages} scales (negative: counted from the end), got {guidance_until!r}")
+    return guidance_until % num_stages if guidance_until < 0 else guidance_until
+
+
+def first_rows(obj, B: int):
+    """Tensors (in nested tuples / lists) with 2B rows cut to their first B: the
+    conditional half of CFG-doubled per-row state; anything else unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj[:B] if obj.dim() > 0 and obj.shape[0] == 2 * B else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(first_rows(o, B) for o in obj)
+    return obj
 
 
 def row_seeds(seed: Union[int, Sequence[int], None], B: int) -> List[int]:
@@ -208,5 +256,6 @@ def _call_token_sampler(token_sampler: TokenSampler, si: int, logits_BlV: torch.
     return idx.to(logits_BlV.device)
 
 
-__all__ = ["TokenSampler", "generate_latent", "residual_tokens", "row_seeds", "row_noise_fn",
+__all__ = ["TokenSampler", "generate_latent", "residual_tokens", "guided_stages", "first_rows", "row_seeds",
+           "row_noise_fn",
            "cfg_doubled_mask_and_positions"]

@@ -37,7 +37,7 @@ def check_number(name, value, kind, lo=None, hi=None, lo_open=False, hi_open=Fal
     else:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok:
-        raise ValueError(f"{name} must be a {'integer' if kind is int else 'finite number'}, got {value!r}")
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a finite number'}, got {value!r}")
     if lo is not None and (value <= lo if lo_open else value < lo):
         raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}{hint}")
     if hi is not None and (value >= hi if hi_open else value > hi):
@@ -45,11 +45,23 @@ def check_number(name, value, kind, lo=None, hi=None, lo_open=False, hi_open=Fal
 
 
 def validate_options(guidance_scale=4.5, top_k=None, top_p=0.0, diffusion_steps=None, diffusion_temperature=1.0,
-                     seed=0, schedule_fn=None) -> None:
+                     seed=0, schedule_fn=None, speed="exact", guidance_until=None, prune_ratios=None) -> None:
     """Raise ValueError naming the first invalid sampling option.
 
     schedule_fn(steps_string) builds a respaced schedule (raises ValueError for a bad one).
+    guidance_until's range and how many prune_ratios fit depend on the model
+    (HartPipeline.validate_options checks them).
     """
+    from hart_fast.speed import check_speed
+
+    check_speed(speed)
+    if guidance_until is not None:
+        check_number("guidance_until", guidance_until, int,
+                     hint=" (the number of scales, from the first, that run guidance; negative: from the end)")
+    if prune_ratios is not None:
+        from hart_fast.pruning import check_ratios
+
+        check_ratios(prune_ratios, None)
     # CFG extrapolates (1 + t) * cond - t * uncond with t = guidance_scale * ratio; a
     # negative scale would steer towards the unconditional image: refused.
     check_number("guidance_scale (cfg)", guidance_scale, float, lo=0,

@@ -13,13 +13,15 @@ from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 
-from hart_fast.generation import TokenSampler, generate_latent
+from hart_fast.generation import TokenSampler, generate_latent, guided_stages
 from hart_fast.loading import ModelInfo, load_models
 from hart_fast.model.diffusion import RespacedSchedule
 from hart_fast.model.tokenizer import HartTokenizer
 from hart_fast.model.transformer import HartTransformer
 from hart_fast.options import parse_dtype, validate_inputs, validate_options
+from hart_fast.pruning import check_ratios
 from hart_fast.reference import ReferenceBackend
+from hart_fast.speed import resolve_levers
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -104,10 +106,16 @@ class HartPipeline:
         return self._schedules[key]
 
     def validate_options(self, guidance_scale=4.5, top_k=None, top_p=0.0, diffusion_steps=None,
-                         diffusion_temperature=1.0, seed=0):
+                         diffusion_temperature=1.0, seed=0, speed="exact", guidance_until=None, prune_ratios=None):
         """Raise ValueError naming the first invalid sampling option."""
-        validate_options(guidance_scale, top_k, top_p, diffusion_steps, diffusion_temperature, seed,
-                         schedule_fn=self.schedule)
+        levers = resolve_levers(speed, guidance_until=guidance_until, prune_ratios=prune_ratios,
+                                diffusion_steps=diffusion_steps)
+        validate_options(guidance_scale, top_k, top_p, levers["diffusion_steps"], diffusion_temperature, seed,
+                         schedule_fn=self.schedule, guidance_until=levers["guidance_until"],
+                         prune_ratios=levers["prune_ratios"])
+        guided_stages(levers["guidance_until"], self.config.num_stages)
+        if levers["prune_ratios"] is not None:
+            check_ratios(levers["prune_ratios"], self.config.num_stages)
 
     @torch.inference_mode()
     def generate(
@@ -126,6 +134,9 @@ class HartPipeline:
         token_sampler: Optional[TokenSampler] = None,
         output_type: str = "pt",
         *,
+        speed: str = "exact",
+        guidance_until: Optional[int] = None,
+        prune_ratios: Optional[Sequence[float]] = None,
         trace: Optional[dict] = None,
         diffusion_noise_fn: Optional[Callable] = None,
     ):
@@ -141,16 +152,24 @@ class HartPipeline:
         `num_sampling_steps`. token_sampler(stage, logits (B, l, V) float32 after
         CFG, before top-k) -> (B, l) int64 replaces the multinomial draw.
         residual_latents (B, L_last, Cvae) is the residual diffusion's initial noise.
+        speed: 'exact' (the official algorithm), 'balanced' or 'fastest', presets of
+        the levers in hart_fast.speed: guidance_until (CFG on the first g scales
+        only), prune_ratios (token pruning at the last scales) and diffusion_steps;
+        an explicit lever overrides the preset's.
         trace, a dict, receives the loop's intermediate tensors (hart_fast.generation);
         diffusion_noise_fn(shape) replaces the residual diffusion's Gaussian draws.
         Returns (B, 3, H, W) float in [0, 1] ("pt"), a list of PIL images ("pil")
         or the decoder's input latent f_hat ("latent").
         """
-        if diffusion_steps is None:
-            diffusion_steps = self.config.num_sampling_steps
         validate_inputs(self.config, self.tokenizer.Cvae, prompt_embeds, prompt_mask, residual_latents, output_type,
                         seed)
-        self.validate_options(guidance_scale, top_k, top_p, diffusion_steps, diffusion_temperature, seed)
+        self.validate_options(guidance_scale, top_k, top_p, diffusion_steps, diffusion_temperature, seed, speed,
+                              guidance_until, prune_ratios)
+        levers = resolve_levers(speed, guidance_until=guidance_until, prune_ratios=prune_ratios,
+                                diffusion_steps=diffusion_steps)
+        diffusion_steps = levers["diffusion_steps"]
+        if diffusion_steps is None:
+            diffusion_steps = self.config.num_sampling_steps
 
         def run():
             backend = self.engine if self.fast else ReferenceBackend(self.transformer, self.tokenizer)
@@ -160,6 +179,7 @@ class HartPipeline:
                 residual_diffusion=residual_diffusion, schedule=self.schedule(diffusion_steps),
                 diffusion_temperature=diffusion_temperature, residual_latents=residual_latents,
                 token_sampler=token_sampler, trace=trace, diffusion_noise_fn=diffusion_noise_fn,
+                guidance_until=levers["guidance_until"], prune_ratios=levers["prune_ratios"],
             )
 
         f_hat = self._retry_out_of_memory(run, keep_rows=2 * prompt_embeds.shape[0])

@@ -1,6 +1,7 @@
 """`hart-fast serve`: an HTTP image API with dynamic batching (FastAPI + uvicorn).
 
     POST /v1/images/generations   {"prompt": "...", "n": 1, "seed": 0, "guidance_scale": 4.5,
+                                   "speed": "exact" | "balanced" | "fastest",
                                    "response_format": "b64_json" | "png"}
     GET  /healthz                 {"status": "ok", ...}
     GET  /metrics                 Prometheus text: queue depth, batch sizes, latency
@@ -57,6 +58,7 @@ class ImageRequest(BaseModel):
     n: int = Field(1, ge=1, le=8)
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED - 8)
     guidance_scale: float = Field(4.5, ge=0.0, le=100.0, allow_inf_nan=False)
+    speed: Literal["exact", "balanced", "fastest"] = "exact"  # hart_fast.speed presets
     response_format: Literal["b64_json", "png"] = "b64_json"
 
     @field_validator("prompt")
@@ -68,11 +70,11 @@ class ImageRequest(BaseModel):
 
     def settings_key(self) -> Tuple:
         """Requests with the same key can share a pipeline call."""
-        return (self.guidance_scale,)
+        return (self.guidance_scale, self.speed)
 
 
-# A generate function: (prompts, seeds, guidance_scale) -> PIL images, one per row.
-GenerateFn = Callable[[Sequence[str], Sequence[int], float], List]
+# A generate function: (prompts, seeds, guidance_scale, speed) -> PIL images, one per row.
+GenerateFn = Callable[[Sequence[str], Sequence[int], float, str], List]
 
 
 def pipeline_generate_fn(model=None, text_encoder=None, device="cpu", dtype="float32") -> GenerateFn:
@@ -82,12 +84,12 @@ def pipeline_generate_fn(model=None, text_encoder=None, device="cpu", dtype="flo
     pipe = load_pipeline(model, device, dtype)
     encoder = load_text_encoder(text_encoder, pipe, GenerationSettings())
 
-    def generate(prompts, seeds, guidance_scale):
+    def generate(prompts, seeds, guidance_scale, speed="exact"):
         with warnings.catch_warnings():  # truncation is reported per request (warnings_for)
             warnings.simplefilter("ignore", UserWarning)
             embeds, mask = encoder(list(prompts))
         return pipe.generate(embeds, mask, seed=list(seeds), guidance_scale=guidance_scale, more_smooth=True,
-                             output_type="pil")
+                             output_type="pil", speed=speed)
 
     note = getattr(encoder, "truncation_note", None)
     generate.warnings_for = (lambda prompt: [w for w in [note(prompt)] if w]) if note else (lambda prompt: [])
@@ -223,10 +225,10 @@ class Batcher:
     async def _execute(self, batch: List[_Job]) -> None:
         prompts = [j.req.prompt for j in batch for _ in range(j.req.n)]
         seeds = [s for j in batch for s in j.seeds]
-        g = batch[0].req.guidance_scale
+        g, speed = batch[0].req.guidance_scale, batch[0].req.speed
         self.metrics.batch_sizes.observe(len(prompts))
         try:
-            images = await asyncio.to_thread(self._call, prompts, seeds, g)
+            images = await asyncio.to_thread(self._call, prompts, seeds, g, speed)
         except Exception as e:  # noqa: BLE001  (any failure: retry each request alone)
             if len(batch) == 1:
                 if not batch[0].future.done():
@@ -242,9 +244,9 @@ class Batcher:
                 job.future.set_result(images[k:k + job.req.n])
             k += job.req.n
 
-    def _call(self, prompts, seeds, g):
+    def _call(self, prompts, seeds, g, speed):
         with self._lock:
-            return self.generate_fn(prompts, seeds, g)
+            return self.generate_fn(prompts, seeds, g, speed)
 
 
 # ---------------------------------------------------------------------------------
@@ -365,13 +367,16 @@ image-rendering:pixelated}input[type=text]{width:30em}</style></head>
 <body><h1>hart_fast</h1><p>Model: {{model}}</p>
 <form id="f"><input type="text" id="prompt" placeholder="a red apple" required>
 n <input type="number" id="n" value="1" min="1" max="8"> seed <input type="number" id="seed" min="0">
-cfg <input type="number" id="cfg" value="4.5" min="0" step="0.5"> <button type="submit">Generate</button></form>
+cfg <input type="number" id="cfg" value="4.5" min="0" step="0.5">
+speed <select id="speed"><option>exact</option><option>balanced</option><option>fastest</option></select>
+<button type="submit">Generate</button></form>
 <p id="status"></p><div id="gallery"></div>
 <script>
 document.getElementById('f').addEventListener('submit', async (e) => {
   e.preventDefault();
   const body = {prompt: document.getElementById('prompt').value, n: +document.getElementById('n').value,
-                guidance_scale: +document.getElementById('cfg').value};
+                guidance_scale: +document.getElementById('cfg').value,
+                speed: document.getElementById('speed').value};
   const seed = document.getElementById('seed').value; if (seed !== '') body.seed = +seed;
   const status = document.getElementById('status'); status.textContent = 'generating...';
   const r = await fetch('/v1/images/generations', {method: 'POST', headers: {'Content-Type': 'application/json'},
@@ -394,11 +399,11 @@ class LazyGenerate:
         self.args, self.fn = (model, text_encoder, device, dtype), None
         self._lock = threading.Lock()
 
-    def __call__(self, prompts, seeds, g):
+    def __call__(self, prompts, seeds, g, speed="exact"):
         with self._lock:
             if self.fn is None:
                 self.fn = pipeline_generate_fn(*self.args)
-        return self.fn(prompts, seeds, g)
+        return self.fn(prompts, seeds, g, speed)
 
     def __getstate__(self):
         return {"args": self.args}

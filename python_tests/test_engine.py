@@ -115,11 +115,11 @@ def test_generate_retries_a_run_after_freeing_other_batch_sizes(cached_two, monk
     real = eng._run_stage
     seen = []
 
-    def tight(st, si):
+    def tight(st, si, rows=None):
         seen.append(sorted(eng.states))
         if 4 in eng.states:
             raise _oom()
-        return real(st, si)
+        return real(st, si, rows)
 
     monkeypatch.setattr(eng, "_run_stage", tight)
     out = fast.generate(ctx, mask, seed=2)
@@ -152,7 +152,7 @@ def test_out_of_memory_with_nothing_to_free_is_raised_once(tmp_path, monkeypatch
     ctx, mask = random_prompts(1, fast.config.context_token, fast.config.context_dim, seed=8)
     calls = []
 
-    def boom(st, si):
+    def boom(st, si, rows=None):
         calls.append(si)
         raise _oom()
 

@@ -40,6 +40,22 @@ def adherence(model, scenes: Sequence[Scene], images_per_prompt: int = 4, seed: 
     return accuracy([judge(im) for im in images], expanded)
 
 
+def ssim_uint8(a_HW3: np.ndarray, b_HW3: np.ndarray) -> float:
+    """Mean SSIM of two uint8 RGB images (Wang et al. 2004: an 11x11 Gaussian
+    window of sigma 1.5, K1 0.01, K2 0.03, peak 255), averaged over the channels."""
+    x = torch.from_numpy(np.ascontiguousarray(a_HW3)).double().permute(2, 0, 1)[:, None]   # (3, 1, H, W)
+    y = torch.from_numpy(np.ascontiguousarray(b_HW3)).double().permute(2, 0, 1)[:, None]
+    ax = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(ax ** 2) / (2 * 1.5 ** 2))
+    w = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
+    conv = lambda t: torch.nn.functional.conv2d(t, w)  # noqa: E731  ('valid': no padding artefacts)
+    mx, my = conv(x), conv(y)
+    sxx, syy, sxy = conv(x * x) - mx ** 2, conv(y * y) - my ** 2, conv(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    return float(s.mean())
+
+
 def prompt_set(kind: str, n: int) -> List[Scene]:
     if kind == "heldout":
         return heldout_prompts(n)

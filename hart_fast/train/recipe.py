@@ -5,7 +5,11 @@
 Three stages, each resumable from its folder under --work (rerun the same command
 after a kill and it carries on):
 
-1. `tokenizer/`: the hybrid tokenizer on freshly rendered scenes;
+1. `tokenizer/`: the hybrid tokenizer on freshly rendered captioned scenes, then
+   `tokenizer_objects/`: the same tokenizer refined on crowded scenes
+   (`scenes.dense_scene`) with object pixels weighted up in the loss -- after
+   the first phase it draws backgrounds well but objects as blurred, miscoloured
+   blobs, because a captioned scene is mostly background;
 2. `transformer/`: the AR transformer and the residual-diffusion MLP together, on
    the scenes' codes (encoded once with the trained tokenizer) and the frozen text
    encoder's states of their captions;
@@ -49,11 +53,13 @@ class Recipe:
     tok_steps: int = 2000
     tok_batch: int = 8
     tok_lr: float = 1e-3
+    tok_refine_steps: int = 1000
+    tok_refine_lr: float = 3e-4
+    tok_object_weight: float = 4.0
     tr_scenes: int = 6000
     tr_steps: int = 1500
     tr_batch: int = 32
     tr_lr: float = 1e-3
-    cond_drop: float = 0.1
 
 
 def scene_images_fn(seed: int, batch: int, size: int):
@@ -65,6 +71,22 @@ def scene_images_fn(seed: int, batch: int, size: int):
     def images(step: int) -> torch.Tensor:
         imgs, _ = ds.batch(range(step * batch, (step + 1) * batch))
         return to_tensor_pm1(imgs)
+
+    return images
+
+
+def refine_images_fn(seed: int, batch: int, size: int):
+    """images_fn(step) for the tokenizer's second phase: half captioned scenes (the
+    distribution it must keep), half crowded ones (more object pixels per batch)."""
+    import numpy as np
+
+    from hart_fast.train.scenes import dense_scene_at, render, to_tensor_pm1
+
+    plain = scene_images_fn(seed, batch - batch // 2, size)
+
+    def images(step: int) -> torch.Tensor:
+        dense = np.stack([render(dense_scene_at(seed, step * batch + i), size) for i in range(batch // 2)])
+        return torch.cat([plain(step), to_tensor_pm1(dense)])
 
     return images
 
@@ -87,6 +109,15 @@ def train_tokenizer_stage(work: str, r: Recipe, progress: bool = True):
     run_dir = os.path.join(work, "tokenizer")
     train_loop(run_dir=run_dir, modules={"tokenizer": tok}, step_fn=step, steps=r.tok_steps, lr=r.tok_lr,
                warmup=50, seed=r.seed, desc="tokenizer", ckpt_every=100, log_every=10, progress=progress)
+    if r.tok_refine_steps:
+        # Phase 2 starts from phase 1's weights, with a fresh optimizer and usage counts.
+        refine_dir = os.path.join(work, "tokenizer_objects")
+        step = TokenizerStep(tok, refine_images_fn(step_seed(r.seed, 0, 13) % 2**31, r.tok_batch, r.image_size),
+                             DEMO_TOKENIZER["v_patch_nums"], object_weight=r.tok_object_weight)
+        step.initialised = True
+        train_loop(run_dir=refine_dir, modules={"tokenizer": tok}, step_fn=step, steps=r.tok_refine_steps,
+                   lr=r.tok_refine_lr, warmup=20, seed=step_seed(r.seed, 0, 14), desc="tokenizer-objects",
+                   ckpt_every=100, log_every=10, progress=progress)
     return tok
 
 
@@ -133,9 +164,14 @@ def text_encoder_stage(work: str, r: Recipe) -> str:
 
 def load_tokenizer_stage(work: str, r: Recipe):
     tok = build_tokenizer(DEMO_TOKENIZER, 0)
-    ck = torch.load(os.path.join(work, "tokenizer", "checkpoint.pt"), map_location="cpu", weights_only=False)
-    if ck["step"] < r.tok_steps:
-        raise RuntimeError(f"the tokenizer stage in {work} is at step {ck['step']} of {r.tok_steps}; run it first")
+    phase, steps = ("tokenizer_objects", r.tok_refine_steps) if r.tok_refine_steps else ("tokenizer", r.tok_steps)
+    path = os.path.join(work, phase, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise RuntimeError(f"the tokenizer stage in {work} has not finished ({path} is missing); run it first")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if ck["step"] < steps:
+        raise RuntimeError(f"the tokenizer stage in {work} ({phase}) is at step {ck['step']} of {steps}; "
+                           f"run it first")
     tok.load_state_dict(ck["modules"]["tokenizer"])
     return tok.eval()
 
@@ -179,9 +215,23 @@ def train_transformer_stage(work: str, r: Recipe, progress: bool = True):
     enc = encode_stage(work, r, tok)
     te = as_text_encoder(text_encoder_stage(work, r), max_length=DEMO_TRANSFORMER["context_token"])
     tr = build_transformer(tok)
-    train_transformer(tr, tok, enc["data"], enc["captions"], te, os.path.join(work, "transformer"),
-                      steps=r.tr_steps, batch=r.tr_batch, lr=r.tr_lr, seed=r.seed, cond_drop=r.cond_drop,
-                      progress=progress)
+    run_dir = os.path.join(work, "transformer")
+    # A transformer checkpoint trained on another tokenizer's codes must not be resumed.
+    stamp_path = os.path.join(run_dir, "tokenizer_stamp.json")
+    stamp = {"codebook_sum": enc["codebook_sum"]}
+    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        old = json.load(open(stamp_path)) if os.path.exists(stamp_path) else None
+        if old != stamp:
+            print(f"{run_dir}: its checkpoint was trained on another tokenizer's codes; starting it afresh")
+            for name in ("checkpoint.pt", "loss_log.jsonl"):
+                if os.path.exists(os.path.join(run_dir, name)):
+                    os.unlink(os.path.join(run_dir, name))
+    os.makedirs(run_dir, exist_ok=True)
+    with open(stamp_path, "w") as f:
+        json.dump(stamp, f)
+    train_transformer(tr, tok, enc["data"], enc["captions"], te, run_dir,
+                      steps=r.tr_steps, batch=r.tr_batch, lr=r.tr_lr, seed=r.seed,
+                      cond_drop=DEMO_TRANSFORMER["cond_drop_rate"], progress=progress)
     return tr, tok
 
 

@@ -13,6 +13,10 @@ Losses (per step):
 - VQ: codebook (codes toward the detached latent) and commitment (beta, latent
   toward the detached codes), averaged over the scales as VAR does.
 
+With object_weight w > 0, pixels that differ from the image's background (the
+median colour of its border ring) weigh 1 + w in the reconstruction losses: the
+few object pixels of a scene otherwise count for little against its background.
+
 Codes that no latent picked for `restart_every` steps are re-seeded from the
 current batch's latents (dead-code restart), so a short run uses its codebook.
 """
@@ -87,11 +91,22 @@ def reconstruct(tok: HartTokenizer, img_pm1: torch.Tensor, patch_nums: Sequence[
     return {"codes_only": codes_only, "with_residual": with_resid, "idx": idx, "residual": resid}
 
 
+def object_mask(img_pm1: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """(N, 1, H, W) float: 1 where a pixel differs from its image's background colour
+    (the per-channel median of the one-pixel border ring) by more than threshold."""
+    border = torch.cat([img_pm1[:, :, 0, :], img_pm1[:, :, -1, :], img_pm1[:, :, 1:-1, 0], img_pm1[:, :, 1:-1, -1]],
+                       dim=2)
+    bg = border.median(dim=2).values[:, :, None, None]
+    return ((img_pm1 - bg).abs().amax(dim=1, keepdim=True) > threshold).to(img_pm1.dtype)
+
+
 class TokenizerStep:
     """step_fn for train_loop: one batch of images -> the tokenizer's losses."""
 
-    def __init__(self, tok: HartTokenizer, images_fn, patch_nums, beta: float = 0.25, restart_every: int = 50):
+    def __init__(self, tok: HartTokenizer, images_fn, patch_nums, beta: float = 0.25, restart_every: int = 50,
+                 object_weight: float = 0.0):
         self.tok, self.images_fn = tok, images_fn
+        self.object_weight = float(object_weight)
         self.patch_nums = list(patch_nums)
         self.beta = beta
         self.restart_every = restart_every
@@ -142,10 +157,16 @@ class TokenizerStep:
         rec = tok.decoder(tok.post_quant_conv(z))
         mse = F.mse_loss(rec, x)
         l1 = F.l1_loss(rec, x)
-        loss = mse + l1 + vq
+        if self.object_weight:
+            w = 1 + self.object_weight * object_mask(x)
+            w = w / w.mean()  # the same overall scale as the unweighted losses
+            rec_loss = (w * (rec - x) ** 2).mean() + (w * (rec - x).abs()).mean()
+        else:
+            rec_loss = mse + l1
+        loss = rec_loss + vq
         with torch.no_grad():
             used = sum(int(torch.unique(i).numel()) for i in idx_list[-2:])
         return {"loss": loss, "mse": mse, "l1": l1, "vq": vq, "codes_used": torch.tensor(float(used))}
 
 
-__all__ = ["quantize_for_training", "reconstruct", "TokenizerStep", "psnr_uint8", "to_uint8"]
+__all__ = ["quantize_for_training", "object_mask", "reconstruct", "TokenizerStep", "psnr_uint8", "to_uint8"]

@@ -1,0 +1,257 @@
+"""The speed levers (hart_fast.speed, hart_fast.pruning): the exact path stays exact,
+each lever really skips the work it says, both backends agree, bad values are
+refused naming the option, and each preset keeps a quality floor on the demo."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hart_fast.generation import guided_stages
+from hart_fast.model.transformer import KVCache
+from hart_fast.pipeline import HartPipeline
+from hart_fast.pruning import (PrunePlan, block_forward_recording, gather_tokens, pivotal_tokens,
+                               pruned_block_forward, restore)
+from hart_fast.speed import SPEED_PRESETS, resolve_levers
+
+from tiny_models import random_prompts, write_model
+
+# A tiny model with enough scales to prune the last two and keep a reference scale.
+PN = [1, 2, 3, 4, 6, 8]
+LLM = {"patch_nums": PN}
+TOK = {"v_patch_nums": PN}
+
+
+def greedy(si, logits):
+    return logits.argmax(-1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_model(str(tmp_path_factory.mktemp("speed") / "m"), llm_overrides=LLM, tok_overrides=TOK)
+
+
+@pytest.fixture(scope="module")
+def aln_model_dir(tmp_path_factory):
+    return write_model(str(tmp_path_factory.mktemp("speed_aln") / "m"),
+                       llm_overrides={**LLM, "disable_aln": False}, tok_overrides=TOK)
+
+
+def _prompts(pipe, B=2, seed=3):
+    return random_prompts(B, pipe.config.context_token, pipe.config.context_dim, seed=seed)
+
+
+def _run(pipe, ctx, mask, **kw):
+    trace = {}
+    args = dict(seed=5, more_smooth=False, diffusion_steps="4", token_sampler=greedy, output_type="latent")
+    args.update(kw)
+    f = pipe.generate(ctx, mask, trace=trace, **args)
+    backend_work = pipe.engine.stage_work if pipe.fast else None
+    return trace, f, backend_work
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+def test_exact_and_neutral_levers_are_bitwise_the_default(model_dir, fast):
+    pipe = HartPipeline.from_pretrained(model_dir, fast=fast)
+    ctx, mask = _prompts(pipe)
+    base = pipe.generate(ctx, mask, seed=1)
+    S = pipe.config.num_stages
+    for kw in ({"speed": "exact"}, {"guidance_until": S}, {"prune_ratios": (0.0, 0.0)}):
+        assert torch.equal(pipe.generate(ctx, mask, seed=1, **kw), base), kw
+
+
+class _Recorder:
+    """Wraps a backend and records the rows and tokens of every stage call."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def stage(self, si, x):
+        self.calls.append((si, x.shape[0], x.shape[1]))
+        return self.inner.stage(si, x)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+@pytest.mark.parametrize("g", [0, 2, -1])
+def test_guidance_until_runs_the_unconditional_rows_only_where_asked(model_dir, fast, g):
+    from hart_fast.generation import generate_latent
+    from hart_fast.reference import ReferenceBackend
+
+    pipe = HartPipeline.from_pretrained(model_dir, fast=fast)
+    ctx, mask = _prompts(pipe, B=3)
+    S = pipe.config.num_stages
+    backend = _Recorder(pipe.engine if fast else ReferenceBackend(pipe.transformer, pipe.tokenizer))
+    f = generate_latent(pipe.transformer, pipe.tokenizer, backend, ctx, mask, guidance_scale=4.5, seed=0, top_k=None,
+                        top_p=0.0, more_smooth=True, residual_diffusion=True, schedule=pipe.schedule("4"),
+                        diffusion_temperature=1.0, residual_latents=None, token_sampler=None, guidance_until=g)
+    n = guided_stages(g, S)
+    assert [rows for _, rows, _ in backend.calls] == [6] * n + [3] * (S - n)
+    assert [rows for _, rows, _ in backend.inner.stage_work] == [6] * n + [3] * (S - n)
+    assert f.shape == (3, pipe.tokenizer.Cvae, PN[-1], PN[-1]) and torch.isfinite(f).all()
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+def test_levers_are_deterministic_and_change_the_image(model_dir, fast):
+    pipe = HartPipeline.from_pretrained(model_dir, fast=fast)
+    ctx, mask = _prompts(pipe)
+    exact = pipe.generate(ctx, mask, seed=2)
+    for kw in ({"guidance_until": -2}, {"prune_ratios": (0.5, 0.75)}, {"speed": "balanced"}, {"speed": "fastest"}):
+        a = pipe.generate(ctx, mask, seed=2, **kw)
+        assert a.shape == exact.shape
+        assert torch.equal(a, pipe.generate(ctx, mask, seed=2, **kw)), kw
+        assert not torch.equal(a, exact), kw
+
+
+@pytest.mark.parametrize("ratios", [(0.5, 0.75), (0.9,), (0.25, 0.5, 0.75)])
+def test_pruning_forwards_only_the_kept_tokens(model_dir, ratios):
+    """Tokens per block of every stage, as both backends record them, and the
+    packed KV cache: later stages attend to exactly what was written."""
+    plan = PrunePlan.build(PN, ratios)
+    expect = []
+    for si, pn in enumerate(PN):
+        n = pn * pn if si else None
+        if si in plan.keep:
+            n = pn * pn - int(pn * pn * ratios[si - (len(PN) - len(ratios))])
+        expect.append(n)
+    for fast in (False, True):
+        pipe = HartPipeline.from_pretrained(model_dir, fast=fast)
+        ctx, mask = _prompts(pipe)
+        if fast:
+            _run(pipe, ctx, mask, prune_ratios=ratios)
+            work = pipe.engine.stage_work
+        else:
+            from hart_fast.generation import generate_latent
+            from hart_fast.reference import ReferenceBackend
+
+            backend = ReferenceBackend(pipe.transformer, pipe.tokenizer)
+            generate_latent(pipe.transformer, pipe.tokenizer, backend, ctx, mask, guidance_scale=4.5, seed=0,
+                            top_k=None, top_p=0.0, more_smooth=False, residual_diffusion=True,
+                            schedule=pipe.schedule("4"), diffusion_temperature=1.0, residual_latents=None,
+                            token_sampler=greedy, prune_ratios=ratios)
+            work = backend.stage_work
+            assert backend.offset == sum(t for _, _, t in work)
+        tokens = [t for _, _, t in work]
+        assert tokens[1:] == expect[1:], (fast, tokens)
+        assert tokens[0] == pipe.config.context_token
+
+
+@pytest.mark.parametrize("which", ["base", "aln"])
+def test_pruned_generation_fast_matches_reference(model_dir, aln_model_dir, which):
+    d = model_dir if which == "base" else aln_model_dir
+    ref = HartPipeline.from_pretrained(d, fast=False)
+    fast = HartPipeline.from_pretrained(d, fast=True)
+    ctx, mask = _prompts(ref, B=3)
+    latents = torch.randn(3, PN[-1] ** 2, ref.tokenizer.Cvae, generator=torch.Generator().manual_seed(1))
+    for kw in ({"prune_ratios": (0.5, 0.75)}, {"prune_ratios": (0.5, 0.75), "guidance_until": -1}):
+        tr_ref, f_ref, _ = _run(ref, ctx, mask, residual_latents=latents, **kw)
+        tr_fast, f_fast, _ = _run(fast, ctx, mask, residual_latents=latents, **kw)
+        for si in range(len(PN)):
+            torch.testing.assert_close(tr_fast[f"stage{si:02d}/logits"], tr_ref[f"stage{si:02d}/logits"],
+                                       rtol=1e-4, atol=1e-5)
+            assert torch.equal(tr_fast[f"stage{si:02d}/idx"], tr_ref[f"stage{si:02d}/idx"])
+        torch.testing.assert_close(f_fast, f_ref, rtol=1e-3, atol=1e-5)
+
+
+def test_pruned_block_keeping_every_token_is_the_block(aln_model_dir):
+    """With n_keep = all tokens the pruned block is the block itself: the pivotal
+    set is every position, so nothing is refilled and the cache gets every key."""
+    pipe = HartPipeline.from_pretrained(aln_model_dir, fast=False)
+    tr = pipe.transformer
+    cfg = tr.cfg
+    ctx, mask = _prompts(pipe, B=2)
+    from hart_fast.generation import cfg_doubled_mask_and_positions
+
+    mask2, pos2 = cfg_doubled_mask_and_positions(mask, 2, cfg.context_token, "cpu")
+    mods, _ = tr.modulations(tr.condition(ctx), mask2)
+    si, l = 3, PN[3] ** 2
+    x = torch.randn(4, l, cfg.embed_dim, generator=torch.Generator().manual_seed(0))
+    rope = tr.stage_rope(si, pos2)
+    caches = [KVCache(cfg.depth, 4, cfg.num_heads, cfg.total_tokens, cfg.head_dim, "cpu", torch.float32)
+              for _ in range(3)]
+    blk = tr.blocks[0]
+    want = blk(x, mods[0], rope, caches[0], 0, 7)
+    got_rec, (a, f) = block_forward_recording(blk, x, mods[0], rope, caches[1], 0, 7)
+    got = pruned_block_forward(blk, x, mods[0], rope, caches[2], 0, 7, l, (torch.zeros_like(a), torch.zeros_like(f)),
+                               PN[si])
+    assert torch.equal(got_rec, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(caches[2].k[0][:, :, 7:7 + l], caches[0].k[0][:, :, 7:7 + l], rtol=1e-5, atol=1e-6)
+
+
+def test_pivotal_tokens_and_restore():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 5, generator=g)
+    x[0, 3] += 10.0   # far from the mean: must be kept
+    x[1, 11] -= 10.0
+    idx = pivotal_tokens(x, 4)
+    assert idx.shape == (2, 4) and idx.dtype == torch.int64
+    assert 3 in idx[0].tolist() and 11 in idx[1].tolist()
+    assert torch.equal(idx, idx.sort(dim=1).values)
+    # The kept set is the top of an independently computed score.
+    score = ((x - x.mean(1, keepdim=True)) ** 2).sum(-1)
+    for b in range(2):
+        assert set(idx[b].tolist()) == set(score[b].argsort(descending=True)[:4].tolist())
+    kept = gather_tokens(x, idx)
+    assert torch.equal(kept[0, 0], x[0, idx[0, 0]])
+    # Restore at the same scale: kept rows are the kept outputs, the others the reference's.
+    ref = torch.randn(2, 16, 5, generator=g)
+    out = restore(ref, kept, idx, 4)
+    for b in range(2):
+        for t in range(16):
+            want = x[b, t] if t in idx[b].tolist() else ref[b, t]
+            assert torch.equal(out[b, t], want)
+    # Restore from a coarser scale: a constant reference map stays constant.
+    out = restore(torch.full((1, 4, 3), 2.5), torch.zeros(1, 1, 3), torch.tensor([[5]]), 4)
+    assert out[0, 5].abs().sum() == 0 and torch.all(out[0, [0, 4, 15]] == 2.5)
+
+
+def test_prune_plan_follows_the_schedule():
+    plan = PrunePlan.build([1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 21, 27, 36, 48, 64], (0.5, 0.75))
+    assert plan.keep == {13: 48 * 48 // 2, 14: 64 * 64 // 4} and plan.reference_stage == 12
+    assert PrunePlan.build(PN, None) is None and PrunePlan.build(PN, (0.0,)) is None
+
+
+def test_presets_fill_only_unset_levers():
+    assert resolve_levers("exact") == {"guidance_until": None, "prune_ratios": None, "diffusion_steps": None}
+    fastest = resolve_levers("fastest")
+    assert {k: fastest[k] for k in SPEED_PRESETS["fastest"]} == SPEED_PRESETS["fastest"]
+    assert resolve_levers("fastest", guidance_until=3, diffusion_steps=8)["guidance_until"] == 3
+    assert resolve_levers("fastest", diffusion_steps=8)["diffusion_steps"] == 8
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"speed": "ludicrous"}, "speed must be one of"),
+    ({"speed": None}, "speed must be one of"),
+    ({"prune_ratios": (1.0,)}, r"prune_ratios\[0\] must be a fraction"),
+    ({"prune_ratios": (0.5, -0.1)}, r"prune_ratios\[1\] must be a fraction"),
+    ({"prune_ratios": 0.5}, "prune_ratios must be a sequence"),
+    ({"prune_ratios": ()}, "prune_ratios: an empty sequence"),
+    ({"prune_ratios": (0.1,) * 5}, "between 1 and 4 of the last ones"),
+    ({"guidance_until": 7}, "guidance_until must be None or an integer in"),
+    ({"guidance_until": -7}, "guidance_until must be None or an integer in"),
+    ({"guidance_until": 1.5}, "guidance_until must be an integer"),
+])
+def test_bad_lever_values_name_the_option(model_dir, kw, match):
+    pipe = HartPipeline.from_pretrained(model_dir, fast=False)
+    ctx, mask = _prompts(pipe)
+    with pytest.raises(ValueError, match=match):
+        pipe.generate(ctx, mask, **kw)
+
+
+def test_ssim_against_closed_forms():
+    from hart_fast.eval.quality import ssim_uint8
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert ssim_uint8(img, img) == pytest.approx(1.0, rel=1e-12)
+    # Flat images: only the luminance term is left, (2 m1 m2 + c1) / (m1^2 + m2^2 + c1).
+    a, b = np.full((20, 20, 3), 100, np.uint8), np.full((20, 20, 3), 160, np.uint8)
+    c1 = (0.01 * 255) ** 2
+    assert ssim_uint8(a, b) == pytest.approx((2 * 100 * 160 + c1) / (100 ** 2 + 160 ** 2 + c1), rel=1e-9)
+    noisy = [np.clip(img + rng.normal(0, s, img.shape), 0, 255).astype(np.uint8) for s in (5, 20, 60)]
+    scores = [ssim_uint8(img, n) for n in noisy]
+    assert 1 > scores[0] > scores[1] > scores[2] > 0
