@@ -5,7 +5,8 @@ run, and its quality cost measured with the same seeds.
 
 1. Time on the CPU, the medium HART config of issue 14 (random fan-in weights,
    256 px, 10 scales) at batch 1 and 4: the median of `repeats` whole images
-   (transformer loop + residual diffusion + decode), after one warm-up.
+   (transformer loop + residual diffusion + decode), after one warm-up,
+   the rows interleaved round by round.
 2. Time on the trained demo (64 px, 6 scales) at batch 1 and 16.
 3. Quality on the trained demo: the pixel judge's attribute accuracy on held-out
    prompts, and PSNR / SSIM of each image to the exact image of the same seed.
@@ -47,27 +48,38 @@ ROWS = [
     ("guidance_until=-2", {"guidance_until": -2}),
     ("prune_ratios=(0.5, 0.75)", {"prune_ratios": (0.5, 0.75)}),
     ("diffusion_steps=4", {"diffusion_steps": 4}),
+    ("int8_weights", {"int8_weights": True}),
+    ("guidance_until=-1, prune", {"guidance_until": -1, "prune_ratios": (0.5, 0.75)}),
+    ("guidance_until=-2, prune, int8", {"guidance_until": -2, "prune_ratios": (0.5, 0.75), "int8_weights": True}),
+    ("guidance_until=-3, prune, int8, steps 4", {"guidance_until": -3, "prune_ratios": (0.5, 0.75),
+                                                 "int8_weights": True, "diffusion_steps": 4}),
     ("speed=balanced", {"speed": "balanced"}),
     ("speed=fastest", {"speed": "fastest"}),
 ]
 
 
 def time_rows(pipe, batches, repeats, seed=1):
-    """{(row, batch): median ms} of whole images (latent + decode) with random prompt states."""
+    """{(row, batch): median ms} of whole images (latent + decode) with random prompt states.
+
+    The rows are interleaved (one image of every row per round, `repeats` rounds),
+    so a slow spell of the machine costs every row alike.
+    """
     cfg = pipe.config
     out = {}
     for B in batches:
         g = torch.Generator().manual_seed(B)
         ctx = torch.randn(B, cfg.context_token, cfg.context_dim, generator=g)
         mask = torch.ones(B, cfg.context_token, dtype=torch.bool)
+        ts = {name: [] for name, _ in ROWS}
         for name, kw in ROWS:
             pipe.generate(ctx, mask, seed=seed, **kw)  # warm-up (buffers, schedules)
-            ts = []
-            for _ in range(repeats):
+        for _ in range(repeats):
+            for name, kw in ROWS:
                 t0 = time.perf_counter()
                 pipe.generate(ctx, mask, seed=seed, **kw)
-                ts.append((time.perf_counter() - t0) * 1e3)
-            out[(name, B)] = statistics.median(ts)
+                ts[name].append((time.perf_counter() - t0) * 1e3)
+        for name, _ in ROWS:
+            out[(name, B)] = statistics.median(ts[name])
             print(f"  {name} batch {B}: {out[(name, B)]:.0f} ms", file=sys.stderr)
     return out
 

@@ -46,6 +46,7 @@ class GenerationSettings:
     speed: str = "exact"              # hart_fast.speed: 'exact', 'balanced' or 'fastest'
     guidance_until: Optional[int] = None  # a speed lever: CFG on the first g scales only
     prune_ratios: Optional[Tuple[float, ...]] = None  # a speed lever: token pruning at the last scales
+    int8_weights: Optional[bool] = None   # a speed lever (CPU): int8 transformer projections
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -182,7 +183,7 @@ def iter_generate(
     pipe.validate_options(guidance_scale=settings.guidance_scale, top_k=settings.top_k, top_p=settings.top_p,
                           diffusion_steps=settings.diffusion_steps, diffusion_temperature=settings.diffusion_temperature,
                           seed=settings.seed, speed=settings.speed, guidance_until=settings.guidance_until,
-                          prune_ratios=settings.prune_ratios)
+                          prune_ratios=settings.prune_ratios, int8_weights=settings.int8_weights)
     if prompt_embeds is not None:
         if prompts is not None:
             raise ValueError("pass either prompts or prompt_embeds, not both")
@@ -218,6 +219,7 @@ def iter_generate(
                 residual_diffusion=settings.residual_diffusion, diffusion_steps=settings.diffusion_steps,
                 diffusion_temperature=settings.diffusion_temperature, output_type="pt",
                 speed=settings.speed, guidance_until=settings.guidance_until, prune_ratios=settings.prune_ratios,
+                int8_weights=settings.int8_weights,
             )
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if is_out_of_memory(e):
@@ -257,7 +259,8 @@ def generate(
     diffusion_temperature=1.0, use_system_prompt=True, max_length=None;
     speed='exact' (or 'balanced' / 'fastest': opt-in presets of faster levers,
     hart_fast.speed) and its levers guidance_until=None (CFG on the first g scales
-    only) and prune_ratios=None (token pruning at the last scales, e.g. (0.5, 0.75)).
+    only), prune_ratios=None (token pruning at the last scales, e.g. (0.5, 0.75)) and
+    int8_weights=None (CPU: int8 transformer projections).
     Image k of the run (prompt-major) uses seed + k, whatever `batch_size`: an
     image depends on its own prompt, seed and settings only.
     Returns a list of PIL images ("pil", the default) or an (N, 3, H, W) float

@@ -34,7 +34,8 @@ import torch
 
 # Per-row settings a prompt file may carry (the GenerationSettings fields but the seed).
 ROW_SETTINGS = ("guidance_scale", "top_k", "top_p", "more_smooth", "residual_diffusion", "diffusion_steps",
-                "diffusion_temperature", "use_system_prompt", "speed", "guidance_until")
+                "diffusion_temperature", "use_system_prompt", "speed", "guidance_until",
+                "int8_weights")
 ROW_KEYS = ("prompt", "seed", "n", "cfg") + ROW_SETTINGS
 MANIFEST = "manifest.jsonl"
 log = logging.getLogger("hart_fast")
@@ -225,7 +226,7 @@ class Generator:
             embeds, mask, guidance_scale=s.guidance_scale, seed=[it.seed for it in batch], top_k=s.top_k,
             top_p=s.top_p, more_smooth=s.more_smooth, residual_diffusion=s.residual_diffusion,
             diffusion_steps=s.diffusion_steps, diffusion_temperature=s.diffusion_temperature, output_type="pt",
-            speed=s.speed, guidance_until=s.guidance_until,
+            speed=s.speed, guidance_until=s.guidance_until, int8_weights=s.int8_weights,
         )
         seconds = (time.perf_counter() - t0) / len(batch)
         records = []

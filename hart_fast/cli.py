@@ -153,7 +153,7 @@ def cmd_generate(args) -> int:
         pipe = load_pipeline(model_path, args.device, args.dtype)
         pipe.validate_options(settings.guidance_scale, settings.top_k, settings.top_p, settings.diffusion_steps,
                               settings.diffusion_temperature, settings.seed, settings.speed, settings.guidance_until,
-                              settings.prune_ratios)
+                              settings.prune_ratios, settings.int8_weights)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise UsageError(str(e)) from e
     names = _plan_outputs(args.out, count, args.grid)  # checked writable before any generation
@@ -204,7 +204,7 @@ def _settings_from_args(args):
         more_smooth=not args.no_more_smooth, residual_diffusion=not args.no_residual,
         diffusion_steps=args.diffusion_steps, diffusion_temperature=args.diffusion_temperature,
         use_system_prompt=not args.no_system_prompt, speed=args.speed, guidance_until=args.guidance_until,
-        prune_ratios=args.prune_ratios,
+        prune_ratios=args.prune_ratios, int8_weights=True if args.int8_weights else None,
     )
 
 
@@ -354,6 +354,8 @@ def _add_model_and_sampling_args(g) -> None:
     g.add_argument("--prune-ratios", type=_ratios, default=None, metavar="R,R",
                    help="a speed lever: prune these fractions of the tokens of the last scales, e.g. 0.5,0.75 "
                         "(FastVAR's HART setting); overrides the preset's")
+    g.add_argument("--int8-weights", action="store_true",
+                   help="a speed lever (CPU): the transformer's projections as int8 GEMMs")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 

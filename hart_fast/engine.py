@@ -53,22 +53,38 @@ from hart_fast.sampling import filter_top_k_top_p_
 
 
 class _BlockWeights:
-    """A block's weights in the form the fused path wants (views, no copies)."""
+    """A block's weights in the form the fused path wants (views, no copies), and its
+    projections as callables: float (F.linear on the weights) or int8 (hart_fast.quantize)."""
 
-    def __init__(self, block: AdaLNSelfAttn):
+    def __init__(self, block: AdaLNSelfAttn, int8: bool = False):
         a = block.attn
         self.block = block
         self.norm_w = block.ln_wo_grad.weight
         self.eps = block.ln_wo_grad.eps
         self.qkv_w = a.qkv_proj.weight
         self.qkv_b = torch.cat((a.q_bias, a.zero_k_bias, a.v_bias))
-        self.proj = a.proj
         self.scale = a.scale
         self.H, self.d = a.H, a.d
         self.scale_mul = (
             a.scale_mul_1H11.clamp_max(a.max_scale_mul).exp().reshape(-1).contiguous() if a.attn_l2_norm else None
         )
         self.ffn = block.ffn
+        if not int8:
+            self.qkv = lambda h: F.linear(h, self.qkv_w, self.qkv_b)
+            self.proj = a.proj
+            self.ffn_fn = lambda h: _ffn(block.ffn, h)
+            return
+        from hart_fast.quantize import Int8Linear, int8_from
+
+        self.qkv = Int8Linear(self.qkv_w, self.qkv_b)
+        self.proj = int8_from(a.proj)
+        if isinstance(block.ffn, FFN):
+            fc1, fc2 = int8_from(block.ffn.fc1), int8_from(block.ffn.fc2)
+            self.ffn_fn = lambda h: fc2(F.gelu(fc1(h), approximate="tanh"))
+        else:
+            gate, up, down = (int8_from(block.ffn.gate_proj), int8_from(block.ffn.up_proj),
+                              int8_from(block.ffn.down_proj))
+            self.ffn_fn = lambda h: down(F.silu(gate(h)) * up(h))
 
 
 def _ffn(ffn, h):
@@ -103,12 +119,26 @@ class StageState:
 class FastEngine:
     """The fast backend (see hart_fast.generation): fused kernels, static buffers, CUDA graphs."""
 
-    def __init__(self, transformer: HartTransformer, tokenizer, use_cuda_graphs: Optional[bool] = None):
+    def __init__(self, transformer: HartTransformer, tokenizer, use_cuda_graphs: Optional[bool] = None,
+                 int8_weights: bool = False):
         self.tr, self.tok = transformer, tokenizer
         w = transformer.word_embed.weight
         self.device, self.dtype = w.device, w.dtype
         self.plan = KernelPlan.for_model(transformer.cfg, self.device, self.dtype)
-        self.blocks = [_BlockWeights(b) for b in transformer.blocks]
+        # int8_weights (a CPU speed lever, hart_fast.quantize): the blocks' and the head's
+        # projections run as int8 GEMMs.
+        self.int8_weights = bool(int8_weights)
+        if self.int8_weights and self.device.type != "cpu":
+            raise ValueError(f"int8_weights runs on the CPU only, not on {self.device}; on a GPU use "
+                             "dtype='float16' or 'bfloat16'")
+        self.blocks = [_BlockWeights(b, self.int8_weights) for b in transformer.blocks]
+        if self.int8_weights:
+            from hart_fast.quantize import int8_from
+
+            head_q = int8_from(transformer.head)
+            self._logits = lambda h, mod: head_q(transformer.head_nm(h.float(), mod)).float()
+        else:
+            self._logits = transformer.logits
         self.states: Dict[int, StageState] = {}
         on_cuda = self.device.type == "cuda"
         self.use_cuda_graphs = on_cuda if use_cuda_graphs is None else (use_cuda_graphs and on_cuda)
@@ -133,12 +163,12 @@ class FastEngine:
             h = ops.rms_norm_modulate(x, bw.norm_w, scale1, shift1, bw.eps)
         else:  # the previous block's `x + ffn(h) * gamma2`, fused with this norm
             x, h = ops.add_rms_norm_modulate(x, pending[0], pending[1], bw.norm_w, scale1, shift1, bw.eps)
-        qkv = F.linear(h, bw.qkv_w, bw.qkv_b)
+        qkv = bw.qkv(h)
         # qkv already carries its bias (inside F.linear, as the official code adds it).
         q = self._qkv_rope_cache(qkv, None, cos, sin, k_cache, v_cache, start, bw.scale_mul)
         a = bw.proj(ops.attention(q, k_cache, v_cache, kv_len, bw.scale, backend=attn_backend))
         x, h = ops.add_rms_norm_modulate(x, a, gamma1, bw.norm_w, scale2, shift2, bw.eps)
-        return x, (_ffn(bw.ffn, h), gamma2)
+        return x, (bw.ffn_fn(h), gamma2)
 
     def _stage_forward(self, st: StageState, si: int, rows: Optional[int] = None):
         """The stage over the first `rows` rows of the static state: all of them, or
@@ -156,7 +186,7 @@ class FastEngine:
                                      st.attn_backend[si])
         f, gamma2 = pending
         x = x + f if gamma2 is None else self._last_add(x, gamma2, f)
-        return x, self.tr.logits(x, head_mod)
+        return x, self._logits(x, head_mod)
 
     def _run_stage(self, st: StageState, si: int, rows: Optional[int] = None):
         rows = st.x[si].shape[0] if rows is None else rows
@@ -191,7 +221,7 @@ class FastEngine:
             idx = pivotal_tokens(x, n_keep)
             xa, ca, sa = gather_tokens(x, idx), gather_tokens(cos, idx), gather_tokens(sin, idx)
         h = ops.rms_norm_modulate(xa, bw.norm_w, s1, h1, bw.eps)
-        q = self._qkv_rope_cache(F.linear(h, bw.qkv_w, bw.qkv_b), None, ca, sa, k_cache, v_cache, start,
+        q = self._qkv_rope_cache(bw.qkv(h), None, ca, sa, k_cache, v_cache, start,
                                  bw.scale_mul)
         a = bw.proj(ops.attention(q, k_cache, v_cache, start + xa.shape[1], bw.scale, backend=attn_backend))
         if n_keep is not None:
@@ -202,7 +232,7 @@ class FastEngine:
         else:
             idx = pivotal_tokens(x, n_keep)
             xf = gather_tokens(x, idx)
-        f = _ffn(bw.ffn, ops.rms_norm_modulate(xf, bw.norm_w, s2, h2, bw.eps))
+        f = bw.ffn_fn(ops.rms_norm_modulate(xf, bw.norm_w, s2, h2, bw.eps))
         if n_keep is not None:
             f = restore(ref[1], f, idx, pn)
         return x + (f if g2 is None else f * g2), (a, f)
@@ -223,7 +253,7 @@ class FastEngine:
             recorded.append(outs)
         if n_keep is None:
             self.ref_outputs = recorded
-        return x, self.tr.logits(x, head_mod)
+        return x, self._logits(x, head_mod)
 
     # -- static state per batch size ---------------------------------------------
     def state(self, B2: int) -> StageState:

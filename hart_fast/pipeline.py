@@ -50,12 +50,16 @@ class HartPipeline:
 
         self.fast = ops.HAS_EXTENSION if fast is None else bool(fast)
         self._engine = None
+        self._engine_int8 = None  # the int8_weights lever's engine, built on first use
 
     def release_memory(self) -> bool:
         """Free the fast path's cached state of every batch size (KV caches, stage
         buffers, CUDA graphs); the next generate rebuilds what it needs.  Returns
         whether anything was freed."""
-        return self._engine is not None and self._engine.release()
+        freed = self._engine is not None and self._engine.release()
+        if self._engine_int8 is not None:
+            self._engine_int8, freed = None, True
+        return freed
 
     def _retry_out_of_memory(self, fn, keep_rows: Optional[int] = None):
         """fn(), run once more if it ran out of memory while the fast engine held
@@ -79,6 +83,22 @@ class HartPipeline:
 
             self._engine = FastEngine(self.transformer, self.tokenizer)
         return self._engine
+
+    @property
+    def engine_int8(self):
+        """The FastEngine whose transformer projections are int8 (the int8_weights lever)."""
+        if self._engine_int8 is None:
+            from hart_fast.engine import FastEngine
+
+            self._engine_int8 = FastEngine(self.transformer, self.tokenizer, int8_weights=True)
+        return self._engine_int8
+
+    def levers(self, speed="exact", guidance_until=None, prune_ratios=None, diffusion_steps=None,
+               int8_weights=None):
+        """The speed levers a call runs with (hart_fast.speed.resolve_levers for this pipeline)."""
+        return resolve_levers(speed, guidance_until=guidance_until, prune_ratios=prune_ratios,
+                              diffusion_steps=diffusion_steps, int8_weights=int8_weights,
+                              cpu_fast_path=self.fast and self.device.type == "cpu")
 
     @classmethod
     def from_pretrained(cls, model_dir, device="cpu", dtype=torch.float32, use_ema: Optional[bool] = None,
@@ -106,16 +126,24 @@ class HartPipeline:
         return self._schedules[key]
 
     def validate_options(self, guidance_scale=4.5, top_k=None, top_p=0.0, diffusion_steps=None,
-                         diffusion_temperature=1.0, seed=0, speed="exact", guidance_until=None, prune_ratios=None):
+                         diffusion_temperature=1.0, seed=0, speed="exact", guidance_until=None, prune_ratios=None,
+                         int8_weights=None):
         """Raise ValueError naming the first invalid sampling option."""
-        levers = resolve_levers(speed, guidance_until=guidance_until, prune_ratios=prune_ratios,
-                                diffusion_steps=diffusion_steps)
+        levers = self.levers(speed, guidance_until, prune_ratios, diffusion_steps, int8_weights)
         validate_options(guidance_scale, top_k, top_p, levers["diffusion_steps"], diffusion_temperature, seed,
                          schedule_fn=self.schedule, guidance_until=levers["guidance_until"],
                          prune_ratios=levers["prune_ratios"])
         guided_stages(levers["guidance_until"], self.config.num_stages)
         if levers["prune_ratios"] is not None:
             check_ratios(levers["prune_ratios"], self.config.num_stages)
+        if levers["int8_weights"] is not None and not isinstance(levers["int8_weights"], bool):
+            raise ValueError(f"int8_weights must be True or False, got {levers['int8_weights']!r}")
+        if levers["int8_weights"] and self.device.type != "cpu":
+            raise ValueError(f"int8_weights runs on the CPU only, not on {self.device}; on a GPU use "
+                             "dtype='float16' or 'bfloat16'")
+        if levers["int8_weights"] and not self.fast:
+            raise ValueError("int8_weights runs on the fast path only (this pipeline has fast=False or no "
+                             "compiled extension)")
 
     @torch.inference_mode()
     def generate(
@@ -137,6 +165,7 @@ class HartPipeline:
         speed: str = "exact",
         guidance_until: Optional[int] = None,
         prune_ratios: Optional[Sequence[float]] = None,
+        int8_weights: Optional[bool] = None,
         trace: Optional[dict] = None,
         diffusion_noise_fn: Optional[Callable] = None,
     ):
@@ -154,8 +183,8 @@ class HartPipeline:
         residual_latents (B, L_last, Cvae) is the residual diffusion's initial noise.
         speed: 'exact' (the official algorithm), 'balanced' or 'fastest', presets of
         the levers in hart_fast.speed: guidance_until (CFG on the first g scales
-        only), prune_ratios (token pruning at the last scales) and diffusion_steps;
-        an explicit lever overrides the preset's.
+        only), prune_ratios (token pruning at the last scales), diffusion_steps and
+        int8_weights (CPU); an explicit lever overrides the preset's.
         trace, a dict, receives the loop's intermediate tensors (hart_fast.generation);
         diffusion_noise_fn(shape) replaces the residual diffusion's Gaussian draws.
         Returns (B, 3, H, W) float in [0, 1] ("pt"), a list of PIL images ("pil")
@@ -164,15 +193,17 @@ class HartPipeline:
         validate_inputs(self.config, self.tokenizer.Cvae, prompt_embeds, prompt_mask, residual_latents, output_type,
                         seed)
         self.validate_options(guidance_scale, top_k, top_p, diffusion_steps, diffusion_temperature, seed, speed,
-                              guidance_until, prune_ratios)
-        levers = resolve_levers(speed, guidance_until=guidance_until, prune_ratios=prune_ratios,
-                                diffusion_steps=diffusion_steps)
+                              guidance_until, prune_ratios, int8_weights)
+        levers = self.levers(speed, guidance_until, prune_ratios, diffusion_steps, int8_weights)
         diffusion_steps = levers["diffusion_steps"]
         if diffusion_steps is None:
             diffusion_steps = self.config.num_sampling_steps
 
         def run():
-            backend = self.engine if self.fast else ReferenceBackend(self.transformer, self.tokenizer)
+            if levers["int8_weights"]:
+                backend = self.engine_int8
+            else:
+                backend = self.engine if self.fast else ReferenceBackend(self.transformer, self.tokenizer)
             return generate_latent(
                 self.transformer, self.tokenizer, backend, prompt_embeds, prompt_mask,
                 guidance_scale=guidance_scale, seed=seed, top_k=top_k, top_p=top_p, more_smooth=more_smooth,

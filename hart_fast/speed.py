@@ -13,6 +13,10 @@ path. The other presets combine levers, each also an option of its own:
   and three quarters of the last.
 - `diffusion_steps` (int): fewer residual-diffusion steps (a respaced schedule of
   the trained 1000).
+- `int8_weights` (bool, CPU, fast path): the transformer's projections as int8
+  GEMMs (hart_fast.quantize). A preset uses it where the pipeline can run it
+  (a CPU pipeline on the fast path); asked for explicitly where it cannot run, it
+  is an error naming the option.
 
 A preset fills in only the levers the caller left unset (None): an explicit
 option always wins. What each preset costs in quality and wins in time is
@@ -29,7 +33,9 @@ SPEED_PRESETS: Dict[str, Dict[str, Any]] = {
     "balanced": {"guidance_until": -1},
     "fastest": {"guidance_until": -2, "diffusion_steps": 4},
 }
-LEVERS = ("guidance_until", "prune_ratios", "diffusion_steps")
+# Levers a preset adds only where the pipeline runs them (see resolve_levers).
+CPU_FAST_PATH_EXTRAS: Dict[str, Dict[str, Any]] = {"exact": {}, "balanced": {}, "fastest": {}}
+LEVERS = ("guidance_until", "prune_ratios", "diffusion_steps", "int8_weights")
 
 
 def check_speed(speed) -> str:
@@ -40,15 +46,20 @@ def check_speed(speed) -> str:
 
 
 def resolve_levers(speed: str = "exact", *, guidance_until: Optional[int] = None, prune_ratios=None,
-                   diffusion_steps=None) -> Dict[str, Any]:
-    """The levers a call runs with: the preset's, overridden by every explicit (non-None) option."""
+                   diffusion_steps=None, int8_weights: Optional[bool] = None,
+                   cpu_fast_path: bool = False) -> Dict[str, Any]:
+    """The levers a call runs with: the preset's (with its CPU extras when the
+    pipeline is a CPU one on the fast path), overridden by every explicit
+    (non-None) option."""
     levers: Dict[str, Any] = {k: None for k in LEVERS}
     levers.update(SPEED_PRESETS[check_speed(speed)])
+    if cpu_fast_path:
+        levers.update(CPU_FAST_PATH_EXTRAS[speed])
     for k, v in (("guidance_until", guidance_until), ("prune_ratios", prune_ratios),
-                 ("diffusion_steps", diffusion_steps)):
+                 ("diffusion_steps", diffusion_steps), ("int8_weights", int8_weights)):
         if v is not None:
             levers[k] = v
     return levers
 
 
-__all__ = ["SPEED_PRESETS", "LEVERS", "check_speed", "resolve_levers"]
+__all__ = ["SPEED_PRESETS", "CPU_FAST_PATH_EXTRAS", "LEVERS", "check_speed", "resolve_levers"]

@@ -219,6 +219,9 @@ def test_cli_prompts_from_stdin_and_file_folder_output(tiny_dir, tmp_path):
         (["x", "--batch-size", "0"], "", "--batch-size must be >= 1"),
         (["x", "--dtype", "float16", "--device", "cpu"], "", "float16 is not supported"),
         (["x", "--top-p", "2"], "", "top_p"),
+        (["x", "--prune-ratios", "0.5,1.5"], "", "prune_ratios[1] must be a fraction"),
+        (["x", "--prune-ratios", "0.5,0.5,0.5"], "", "between 1 and 2 of the last ones"),
+        (["x", "--guidance-until", "99"], "", "guidance_until must be None or an integer in [-4, 4]"),
     ],
 )
 def test_cli_bad_input(tiny_dir, tmp_path, capsys, args, stdin, match):

@@ -216,7 +216,8 @@ def test_prune_plan_follows_the_schedule():
 
 
 def test_presets_fill_only_unset_levers():
-    assert resolve_levers("exact") == {"guidance_until": None, "prune_ratios": None, "diffusion_steps": None}
+    assert resolve_levers("exact") == {"guidance_until": None, "prune_ratios": None, "diffusion_steps": None,
+                                      "int8_weights": None}
     fastest = resolve_levers("fastest")
     assert {k: fastest[k] for k in SPEED_PRESETS["fastest"]} == SPEED_PRESETS["fastest"]
     assert resolve_levers("fastest", guidance_until=3, diffusion_steps=8)["guidance_until"] == 3
@@ -255,3 +256,72 @@ def test_ssim_against_closed_forms():
     noisy = [np.clip(img + rng.normal(0, s, img.shape), 0, 255).astype(np.uint8) for s in (5, 20, 60)]
     scores = [ssim_uint8(img, n) for n in noisy]
     assert 1 > scores[0] > scores[1] > scores[2] > 0
+
+
+def test_cli_speed_mode_is_recorded_and_reproducible(tmp_path):
+    import json
+
+    from PIL import Image
+
+    import hart_fast
+    from hart_fast import cli
+
+    out = tmp_path / "fast.png"
+    prompt = "a yellow star on a blue background"
+    assert cli.main(["generate", prompt, "--speed", "fastest", "--prune-ratios", "0.5,0.75", "--device", "cpu",
+                     "--out", str(out), "-q"]) == 0
+    im = Image.open(out)
+    meta = json.loads(im.text["hart_fast"])
+    assert meta["speed"] == "fastest" and meta["prune_ratios"] == [0.5, 0.75]
+    again = hart_fast.generate(prompt, seed=meta["seed"], speed="fastest", prune_ratios=(0.5, 0.75))
+    exact = hart_fast.generate(prompt, seed=meta["seed"])
+    assert np.array_equal(np.asarray(again), np.asarray(im.convert("RGB")))
+    assert not np.array_equal(np.asarray(exact), np.asarray(again))
+
+
+def test_int8_linear_is_close_to_the_float_one():
+    from hart_fast.quantize import Int8Linear
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(3, 10, 64, generator=g)
+    want = lin(x).detach()
+    got = Int8Linear(lin.weight, lin.bias)(x)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    # 8-bit weights and 7-bit activations: a few percent of the output's norm.
+    assert float((got - want).norm() / want.norm()) < 0.05
+    assert torch.equal(got, Int8Linear(lin.weight, lin.bias)(x))
+
+
+def test_int8_weights_run_the_quantized_engine(model_dir):
+    from hart_fast.quantize import Int8Linear
+
+    pipe = HartPipeline.from_pretrained(model_dir, fast=True)
+    ctx, mask = _prompts(pipe)
+    tr_f, f_float, _ = _run(pipe, ctx, mask)
+    tr_q, f_q, _ = _run(pipe, ctx, mask, int8_weights=True)
+    assert all(isinstance(bw.qkv, Int8Linear) and isinstance(bw.proj, Int8Linear) for bw in pipe.engine_int8.blocks)
+    assert not any(isinstance(bw.qkv, Int8Linear) for bw in pipe.engine.blocks)
+    # Stage 0 reads only the context (later stages follow codes that may differ).
+    a, b = tr_q["stage00/logits"], tr_f["stage00/logits"]
+    assert 0 < float((a - b).norm() / b.norm()) < 0.1
+    assert torch.isfinite(f_q).all()
+    assert torch.equal(f_q, _run(pipe, ctx, mask, int8_weights=True)[1])
+    # The float engine is untouched by the int8 one.
+    assert torch.equal(f_float, _run(pipe, ctx, mask)[1])
+
+
+def test_int8_weights_where_they_cannot_run(model_dir):
+    ref = HartPipeline.from_pretrained(model_dir, fast=False)
+    ctx, mask = _prompts(ref)
+    with pytest.raises(ValueError, match="int8_weights runs on the fast path only"):
+        ref.generate(ctx, mask, int8_weights=True)
+    # A preset only uses the levers the pipeline runs: no error, and the same as without int8.
+    assert torch.equal(ref.generate(ctx, mask, seed=1, speed="fastest"),
+                       ref.generate(ctx, mask, seed=1, **{k: v for k, v in SPEED_PRESETS["fastest"].items()}))
+    fast = HartPipeline.from_pretrained(model_dir, fast=True)
+    fast.device = torch.device("cuda")  # validation only: nothing runs
+    with pytest.raises(ValueError, match="int8_weights runs on the CPU only"):
+        fast.validate_options(int8_weights=True)
+    with pytest.raises(ValueError, match="int8_weights must be True or False"):
+        HartPipeline.from_pretrained(model_dir, fast=True).generate(ctx, mask, int8_weights="yes")

@@ -57,7 +57,7 @@ class Recipe:
     tok_refine_lr: float = 3e-4
     tok_object_weight: float = 4.0
     tr_scenes: int = 6000
-    tr_steps: int = 1500
+    tr_steps: int = 2000
     tr_batch: int = 32
     tr_lr: float = 1e-3
 
