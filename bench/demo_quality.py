@@ -23,14 +23,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hart_fast.eval.judge import ATTRIBUTES, accuracy, judge  # noqa: E402
+from hart_fast.eval.quality import format_row as row  # noqa: E402
 from hart_fast.eval.quality import generate_images  # noqa: E402
 from hart_fast.train.scenes import heldout_prompts, render, scene_at, seen_prompts, to_tensor_pm1  # noqa: E402
 
 COLS = (*ATTRIBUTES, "all")
-
-
-def row(name, acc):
-    return f"| {name} | " + " | ".join(f"{100 * acc[a]:.1f}" for a in COLS) + " |"
 
 
 def header(first):

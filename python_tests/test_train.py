@@ -54,6 +54,42 @@ def test_tokenizer_steps_lower_the_loss_on_a_fixed_batch(tiny_dir, tmp_path):
     assert [r["step"] for r in log] == list(range(9, 30, 10))
 
 
+def test_object_mask_marks_exactly_the_object_pixels():
+    from hart_fast.train.scenes import COLORS, dense_scene_at, render, to_tensor_pm1
+    from hart_fast.train.tokenizer import object_mask
+
+    for i in range(6):
+        sc = dense_scene_at(1, i)
+        img = render(sc, 64)
+        bg = np.array(COLORS[sc.background], dtype=np.int32)
+        # Independently: a pixel is an object pixel when it is not the background colour
+        # (anti-aliased rims more than the threshold away count; 0.1 in [-1, 1] is 12.75 levels).
+        want = np.abs(img.astype(np.int32) - bg).max(axis=-1) > 12.75
+        got = object_mask(to_tensor_pm1(img[None]))[0, 0].numpy() > 0.5
+        ring = np.concatenate([want[0], want[-1], want[1:-1, 0], want[1:-1, -1]])
+        if ring.mean() < 0.4:  # the border ring mostly background: its median is the background
+            assert (got == want).mean() > 0.999, i
+        assert 2 <= len(sc.objects) <= 6 and sc.caption == ""
+
+
+def test_object_weight_changes_only_the_reconstruction_loss(tiny_dir):
+    _, tok, _ = load_models(tiny_dir)
+    imgs, _ = tiny_images(4)
+    from hart_fast.train.scenes import to_tensor_pm1
+
+    x = to_tensor_pm1(imgs)
+    plain = TokenizerStep(tok, lambda s: x, TINY_TOK["v_patch_nums"])
+    weighted = TokenizerStep(tok, lambda s: x, TINY_TOK["v_patch_nums"], object_weight=4.0)
+    torch.manual_seed(0)
+    a = plain(0)
+    torch.manual_seed(0)
+    weighted.initialised = True  # same codebook as after plain's first step
+    b = weighted(0)
+    assert float(a["vq"]) == pytest.approx(float(b["vq"]), rel=1e-6)
+    assert float(a["mse"]) == pytest.approx(float(b["mse"]), rel=1e-6)  # logged unweighted
+    assert float(a["loss"]) != pytest.approx(float(b["loss"]), rel=1e-5)
+
+
 def test_training_quantiser_matches_the_inference_quantiser(tiny_dir):
     _, tok, _ = load_models(tiny_dir)
     imgs, _ = tiny_images(4, seed=1)

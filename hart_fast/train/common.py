@@ -64,7 +64,7 @@ def autocast_context(device: str, dtype: Optional[torch.dtype]):
 def train_loop(*, run_dir: str, modules: Dict[str, torch.nn.Module], step_fn: Callable[[int], Dict[str, torch.Tensor]],
                steps: int, lr: float, warmup: int, seed: int, desc: str, ckpt_every: int = 100,
                log_every: int = 10, weight_decay: float = 0.0, grad_clip: float = 1.0,
-               extra_state: Optional[Dict] = None, progress: bool = True, fp16: bool = False,
+               progress: bool = True, fp16: bool = False,
                on_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Dict[str, float]:
     """Train `modules` (all their trainable parameters) for `steps` steps, resumably.
 
@@ -99,8 +99,6 @@ def train_loop(*, run_dir: str, modules: Dict[str, torch.nn.Module], step_fn: Ca
             raise ValueError(f"{ckpt_path} holds a model of another architecture than this run's; use another "
                              f"folder or remove it ({str(e).splitlines()[0]})") from e
         start = int(ck["step"])
-        if extra_state is not None:
-            extra_state.update(ck.get("extra", {}))
     log_path = os.path.join(run_dir, LOSS_LOG)
     if start == 0 and os.path.exists(log_path):
         os.unlink(log_path)  # a fresh run: an old log would interleave
@@ -113,7 +111,7 @@ def train_loop(*, run_dir: str, modules: Dict[str, torch.nn.Module], step_fn: Ca
 
     def save(step):
         atomic_save({"desc": desc, "step": step, "modules": {n: m.state_dict() for n, m in modules.items()},
-                     "optimizer": opt.state_dict(), "extra": dict(extra_state or {}),
+                     "optimizer": opt.state_dict(),
                      "step_state": step_fn.state_dict() if hasattr(step_fn, "state_dict") else None}, ckpt_path)
 
     last: Dict[str, float] = {}
