@@ -49,6 +49,18 @@ def tokenizer_psnr(model_dir, n=256):
     return {k: psnr_uint8(np.concatenate(v), imgs) for k, v in outs.items()}
 
 
+def tokenizer_judged(model_dir, n=64):
+    """The judge on the tokenizer's own reconstructions of held-out renders: what the
+    decoder can draw at all, whatever the transformer samples."""
+    from hart_fast.loading import load_models
+    from hart_fast.train.tokenizer import reconstruct, to_uint8
+
+    _, tok, _ = load_models(model_dir)
+    scenes = heldout_prompts(n)
+    rec = reconstruct(tok, to_tensor_pm1(np.stack([render(sc) for sc in scenes])), tok.cfg.v_patch_nums)
+    return accuracy([judge(im) for im in to_uint8(rec["with_residual"])], scenes)
+
+
 def old_random_model(tmp):
     """The previous embedded default (seeded random weights), for the chance row."""
     from hart_fast.demo import build_random_demo
@@ -115,6 +127,9 @@ def main():
     results["psnr"] = tokenizer_psnr(model)
     print(f"codes only {results['psnr']['codes_only']:.2f} dB, codes + residual "
           f"{results['psnr']['with_residual']:.2f} dB")
+    results["tokenizer_judged"] = tokenizer_judged(model)
+    print(header("images"))
+    print(row("tokenizer only (64 held-out renders, codes + residual)", results["tokenizer_judged"]))
 
     print(f"\n## Generation ({args.prompts} prompts x {args.images} images, default settings)\n")
     print(header("prompts"))

@@ -2,6 +2,7 @@
 run, and its quality cost measured with the same seeds.
 
     python bench/speed_modes.py [--repeats 5] [--prompts 16] [--images 2] [--skip-medium] [--skip-quality]
+                                [--only speed=balanced,speed=fastest]
 
 1. Time on the CPU, the medium HART config of issue 14 (random fan-in weights,
    256 px, 10 scales) at batch 1 and 4: the median of `repeats` whole images
@@ -125,7 +126,11 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--skip-medium", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--only", default=None, help="comma-separated row names to run (exact is always run)")
     args = ap.parse_args()
+    if args.only:
+        keep = {"exact", *args.only.split(",")}
+        ROWS[:] = [r for r in ROWS if r[0] in keep]
 
     from hart_fast.api import load_pipeline
     from hart_fast.demo import write_model_folder

@@ -31,10 +31,11 @@ from typing import Any, Dict, Optional
 SPEED_PRESETS: Dict[str, Dict[str, Any]] = {
     "exact": {},
     "balanced": {"guidance_until": -1},
-    "fastest": {"guidance_until": -2, "diffusion_steps": 4},
+    "fastest": {"guidance_until": -3, "prune_ratios": (0.5, 0.75), "diffusion_steps": 4},
 }
 # Levers a preset adds only where the pipeline runs them (see resolve_levers).
-CPU_FAST_PATH_EXTRAS: Dict[str, Dict[str, Any]] = {"exact": {}, "balanced": {}, "fastest": {}}
+CPU_FAST_PATH_EXTRAS: Dict[str, Dict[str, Any]] = {"exact": {}, "balanced": {"int8_weights": True},
+                                                   "fastest": {"int8_weights": True}}
 LEVERS = ("guidance_until", "prune_ratios", "diffusion_steps", "int8_weights")
 
 

@@ -113,6 +113,7 @@ def test_one_bad_request_never_fails_the_others_in_its_batch():
     ({"prompt": "x", "guidance_scale": -3}, "guidance_scale"),
     ({"prompt": "x", "colour": "red"}, "colour"),
     ({"prompt": "x", "response_format": "jpeg"}, "response_format"),
+    ({"prompt": "x", "speed": "ludicrous"}, "speed"),
     ({"prompt": "x" * 5000}, "prompt"),
     ({"prompt": "x", "n": 2, "response_format": "png"}, "n"),
 ])
@@ -126,6 +127,27 @@ def test_bad_input_is_a_422_naming_the_field_and_leaves_the_server_healthy(body,
     r, health = _run(app, go)
     assert r.status_code == 422 and r.json()["error"]["message"].startswith(field), r.text
     assert health.json()["status"] == "ok" and not gen.calls
+
+
+def test_speed_reaches_the_pipeline_and_splits_batches():
+    gen = FakeGenerate(delay=0.05)
+    app = create_app(gen, max_batch=8, max_wait_ms=100)
+
+    async def go(c):
+        import asyncio
+
+        return await asyncio.gather(
+            c.post("/v1/images/generations", json={"prompt": "a", "seed": 1, "speed": "fastest"}),
+            c.post("/v1/images/generations", json={"prompt": "b", "seed": 2}),
+            c.post("/v1/images/generations", json={"prompt": "c", "seed": 3, "speed": "fastest"}))
+
+    rs = _run(app, go)
+    assert all(r.status_code == 200 for r in rs)
+    # Requests of different speeds never share a pipeline call; the same speed may.
+    by_speed = {}
+    for (prompts, _, _), speed in zip(gen.calls, gen.speeds):
+        by_speed.setdefault(speed, []).extend(prompts)
+    assert sorted(by_speed["fastest"]) == ["a", "c"] and by_speed["exact"] == ["b"]
 
 
 def test_body_that_is_not_json_is_a_4xx_with_a_message():
