@@ -67,7 +67,9 @@ def test_loop_engine_and_pipeline_have_no_import_cycle():
         assert _cycle_through(graph, mod) is None, f"import cycle: {' -> '.join(_cycle_through(graph, mod))}"
     assert "hart_fast.pipeline" not in graph["hart_fast.engine"]
     assert "hart_fast.engine" not in graph["hart_fast.pipeline"]  # the engine is built on first use
-    assert graph["hart_fast.generation"] <= {"hart_fast.sampling"}  # the loop needs no backend
+    # The loop needs no backend: sampling, and the pruning plan (pure torch, no backend either).
+    assert graph["hart_fast.generation"] <= {"hart_fast.sampling", "hart_fast.pruning"}
+    assert not {m for m in graph["hart_fast.pruning"] if m.startswith("hart_fast")}
 
 
 def test_engine_imports_first_in_a_fresh_interpreter():
