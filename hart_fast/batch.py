@@ -296,7 +296,7 @@ def run_batch(prompts_path: str, out_dir: str, *, model=None, text_encoder=None,
         s = _settings_for(base, WorkItem(0, "", 0, group))
         try:
             validate_options(s.guidance_scale, s.top_k, s.top_p, s.diffusion_steps, s.diffusion_temperature, 0,
-                             speed=s.speed, guidance_until=s.guidance_until)
+                             speed=s.speed, guidance_until=s.guidance_until, int8_weights=s.int8_weights)
         except ValueError as e:
             raise PromptFileError(f"{prompts_path}: {e}") from e
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):

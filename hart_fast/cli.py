@@ -138,7 +138,8 @@ def cmd_generate(args) -> int:
     try:  # the options that need no model first: a bad one costs no load and writes nothing
         validate_options(settings.guidance_scale, settings.top_k, settings.top_p, settings.diffusion_steps,
                          settings.diffusion_temperature, settings.seed, speed=settings.speed,
-                         guidance_until=settings.guidance_until, prune_ratios=settings.prune_ratios)
+                         guidance_until=settings.guidance_until, prune_ratios=settings.prune_ratios,
+                         int8_weights=settings.int8_weights)
         flt = load_prompt_filter(args.prompt_filter)
     except ValueError as e:
         raise UsageError(str(e)) from e

@@ -127,10 +127,7 @@ class FastEngine:
         self.plan = KernelPlan.for_model(transformer.cfg, self.device, self.dtype)
         # int8_weights (a CPU speed lever, hart_fast.quantize): the blocks' and the head's
         # projections run as int8 GEMMs.
-        self.int8_weights = bool(int8_weights)
-        if self.int8_weights and self.device.type != "cpu":
-            raise ValueError(f"int8_weights runs on the CPU only, not on {self.device}; on a GPU use "
-                             "dtype='float16' or 'bfloat16'")
+        self.int8_weights = bool(int8_weights)  # Int8Linear refuses weights off the CPU
         self.blocks = [_BlockWeights(b, self.int8_weights) for b in transformer.blocks]
         if self.int8_weights:
             from hart_fast.quantize import int8_from
@@ -176,17 +173,23 @@ class FastEngine:
         cache the earlier stages wrote is what the conditional rows read)."""
         start, end = self.tr.stage_slices()[si]
         rows = st.x[si].shape[0] if rows is None else rows
-        full = rows == st.x[si].shape[0]
-        mods = st.mods if full else first_rows(st.mods, rows)
-        head_mod = st.head_mod if full else first_rows(st.head_mod, rows)
+        mods, head_mod, cos, sin = self._row_views(st, si, rows)
         x, pending = st.x[si][:rows], None
-        cos, sin = st.cos[si][:rows], st.sin[si][:rows]
         for i, bw in enumerate(self.blocks):
             x, pending = self._block(bw, x, pending, mods[i], cos, sin, st.k[i][:rows], st.v[i][:rows], start, end,
                                      st.attn_backend[si])
         f, gamma2 = pending
         x = x + f if gamma2 is None else self._last_add(x, gamma2, f)
         return x, self._logits(x, head_mod)
+
+    @staticmethod
+    def _row_views(st: StageState, si: int, rows: int):
+        """The modulations, head modulation and RoPE tables of stage si for the first
+        `rows` rows (views: all rows, or the conditional half)."""
+        full = rows == st.x[si].shape[0]
+        mods = st.mods if full else first_rows(st.mods, rows)
+        head_mod = st.head_mod if full else first_rows(st.head_mod, rows)
+        return mods, head_mod, st.cos[si][:rows], st.sin[si][:rows]
 
     def _run_stage(self, st: StageState, si: int, rows: Optional[int] = None):
         rows = st.x[si].shape[0] if rows is None else rows
@@ -241,10 +244,7 @@ class FastEngine:
         """The reference stage (recording its sub-layer outputs) or a pruned stage."""
         p = self.prune
         n_keep = p.keep.get(si)
-        full = rows == st.x[si].shape[0]
-        mods = st.mods if full else first_rows(st.mods, rows)
-        head_mod = st.head_mod if full else first_rows(st.head_mod, rows)
-        cos, sin = st.cos[si][:rows], st.sin[si][:rows]
+        mods, head_mod, cos, sin = self._row_views(st, si, rows)
         recorded = []
         for i, bw in enumerate(self.blocks):
             x, outs = self._block_unfused(bw, x, mods[i], cos, sin, st.k[i][:rows], st.v[i][:rows], self.offset,

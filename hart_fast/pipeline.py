@@ -132,12 +132,10 @@ class HartPipeline:
         levers = self.levers(speed, guidance_until, prune_ratios, diffusion_steps, int8_weights)
         validate_options(guidance_scale, top_k, top_p, levers["diffusion_steps"], diffusion_temperature, seed,
                          schedule_fn=self.schedule, guidance_until=levers["guidance_until"],
-                         prune_ratios=levers["prune_ratios"])
+                         prune_ratios=levers["prune_ratios"], int8_weights=levers["int8_weights"])
         guided_stages(levers["guidance_until"], self.config.num_stages)
         if levers["prune_ratios"] is not None:
             check_ratios(levers["prune_ratios"], self.config.num_stages)
-        if levers["int8_weights"] is not None and not isinstance(levers["int8_weights"], bool):
-            raise ValueError(f"int8_weights must be True or False, got {levers['int8_weights']!r}")
         if levers["int8_weights"] and self.device.type != "cpu":
             raise ValueError(f"int8_weights runs on the CPU only, not on {self.device}; on a GPU use "
                              "dtype='float16' or 'bfloat16'")

@@ -27,10 +27,11 @@ class FakeGenerate:
 
     def __init__(self, delay=0.0, fail_on=None):
         self.calls, self.delay, self.fail_on = [], delay, fail_on
+        self.speeds = []  # the speed of every call, in order
 
     def __call__(self, prompts, seeds, g, speed="exact"):
         self.calls.append((list(prompts), list(seeds), g))
-        self.speeds = getattr(self, "speeds", []) + [speed]
+        self.speeds.append(speed)
         if self.fail_on is not None and self.fail_on in prompts:
             raise RuntimeError(f"cannot draw {self.fail_on!r}")
         time.sleep(self.delay)

@@ -311,6 +311,17 @@ def test_int8_weights_run_the_quantized_engine(model_dir):
     assert torch.equal(f_float, _run(pipe, ctx, mask)[1])
 
 
+def test_lever_types_are_checked_before_any_model():
+    from hart_fast.options import validate_options
+
+    for kw, match in (({"int8_weights": "yes"}, "int8_weights must be True or False"),
+                      ({"speed": "warp"}, "speed must be one of"),
+                      ({"prune_ratios": (2.0,)}, r"prune_ratios\[0\]"),
+                      ({"guidance_until": "last"}, "guidance_until must be an integer")):
+        with pytest.raises(ValueError, match=match):
+            validate_options(**kw)
+
+
 def test_int8_weights_where_they_cannot_run(model_dir):
     ref = HartPipeline.from_pretrained(model_dir, fast=False)
     ctx, mask = _prompts(ref)
