@@ -47,9 +47,16 @@ class GenerationSettings:
     guidance_until: Optional[int] = None  # a speed lever: CFG on the first g scales only
     prune_ratios: Optional[Tuple[float, ...]] = None  # a speed lever: token pruning at the last scales
     int8_weights: Optional[bool] = None   # a speed lever (CPU): int8 transformer projections
+    fp8_weights: Optional[bool] = None    # a speed lever (CUDA 8.9+): fp8 transformer projections
+    cpu_bf16: Optional[bool] = None       # a speed lever (CPU): run a float32 pipeline in bfloat16
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+    def lever_options(self) -> Dict[str, Any]:
+        """The speed preset and levers, as HartPipeline.generate / validate_options take them."""
+        return {"speed": self.speed, "guidance_until": self.guidance_until, "prune_ratios": self.prune_ratios,
+                "int8_weights": self.int8_weights, "fp8_weights": self.fp8_weights, "cpu_bf16": self.cpu_bf16}
 
 
 def resolve_model_path(model: Union[str, os.PathLike, None]) -> str:
@@ -182,8 +189,7 @@ def iter_generate(
     # Every option is checked before any work, so a bad value never costs a model run.
     pipe.validate_options(guidance_scale=settings.guidance_scale, top_k=settings.top_k, top_p=settings.top_p,
                           diffusion_steps=settings.diffusion_steps, diffusion_temperature=settings.diffusion_temperature,
-                          seed=settings.seed, speed=settings.speed, guidance_until=settings.guidance_until,
-                          prune_ratios=settings.prune_ratios, int8_weights=settings.int8_weights)
+                          seed=settings.seed, **settings.lever_options())
     if prompt_embeds is not None:
         if prompts is not None:
             raise ValueError("pass either prompts or prompt_embeds, not both")
@@ -217,9 +223,7 @@ def iter_generate(
                 embeds, mask, guidance_scale=settings.guidance_scale, seed=seeds, top_k=settings.top_k,
                 top_p=settings.top_p, more_smooth=settings.more_smooth,
                 residual_diffusion=settings.residual_diffusion, diffusion_steps=settings.diffusion_steps,
-                diffusion_temperature=settings.diffusion_temperature, output_type="pt",
-                speed=settings.speed, guidance_until=settings.guidance_until, prune_ratios=settings.prune_ratios,
-                int8_weights=settings.int8_weights,
+                diffusion_temperature=settings.diffusion_temperature, output_type="pt", **settings.lever_options(),
             )
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if is_out_of_memory(e):
@@ -259,8 +263,10 @@ def generate(
     diffusion_temperature=1.0, use_system_prompt=True, max_length=None;
     speed='exact' (or 'balanced' / 'fastest': opt-in presets of faster levers,
     hart_fast.speed) and its levers guidance_until=None (CFG on the first g scales
-    only), prune_ratios=None (token pruning at the last scales, e.g. (0.5, 0.75)) and
-    int8_weights=None (CPU: int8 transformer projections).
+    only), prune_ratios=None (token pruning at the last scales, e.g. (0.5, 0.75)),
+    int8_weights=None (CPU: int8 transformer projections), fp8_weights=None (CUDA
+    compute capability 8.9+: fp8 projections) and cpu_bf16=None (run a float32 CPU
+    pipeline in bfloat16; a gain only where the CPU has native bfloat16).
     Image k of the run (prompt-major) uses seed + k, whatever `batch_size`: an
     image depends on its own prompt, seed and settings only.
     Returns a list of PIL images ("pil", the default) or an (N, 3, H, W) float

@@ -35,7 +35,7 @@ import torch
 # Per-row settings a prompt file may carry (the GenerationSettings fields but the seed).
 ROW_SETTINGS = ("guidance_scale", "top_k", "top_p", "more_smooth", "residual_diffusion", "diffusion_steps",
                 "diffusion_temperature", "use_system_prompt", "speed", "guidance_until",
-                "int8_weights")
+                "int8_weights", "fp8_weights", "cpu_bf16")
 ROW_KEYS = ("prompt", "seed", "n", "cfg") + ROW_SETTINGS
 MANIFEST = "manifest.jsonl"
 log = logging.getLogger("hart_fast")
@@ -226,7 +226,7 @@ class Generator:
             embeds, mask, guidance_scale=s.guidance_scale, seed=[it.seed for it in batch], top_k=s.top_k,
             top_p=s.top_p, more_smooth=s.more_smooth, residual_diffusion=s.residual_diffusion,
             diffusion_steps=s.diffusion_steps, diffusion_temperature=s.diffusion_temperature, output_type="pt",
-            speed=s.speed, guidance_until=s.guidance_until, int8_weights=s.int8_weights,
+            **s.lever_options(),
         )
         seconds = (time.perf_counter() - t0) / len(batch)
         records = []
@@ -296,7 +296,7 @@ def run_batch(prompts_path: str, out_dir: str, *, model=None, text_encoder=None,
         s = _settings_for(base, WorkItem(0, "", 0, group))
         try:
             validate_options(s.guidance_scale, s.top_k, s.top_p, s.diffusion_steps, s.diffusion_temperature, 0,
-                             speed=s.speed, guidance_until=s.guidance_until, int8_weights=s.int8_weights)
+                             **s.lever_options())
         except ValueError as e:
             raise PromptFileError(f"{prompts_path}: {e}") from e
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):

@@ -137,9 +137,7 @@ def cmd_generate(args) -> int:
     count = len(prompts) * args.n
     try:  # the options that need no model first: a bad one costs no load and writes nothing
         validate_options(settings.guidance_scale, settings.top_k, settings.top_p, settings.diffusion_steps,
-                         settings.diffusion_temperature, settings.seed, speed=settings.speed,
-                         guidance_until=settings.guidance_until, prune_ratios=settings.prune_ratios,
-                         int8_weights=settings.int8_weights)
+                         settings.diffusion_temperature, settings.seed, **settings.lever_options())
         flt = load_prompt_filter(args.prompt_filter)
     except ValueError as e:
         raise UsageError(str(e)) from e
@@ -153,8 +151,7 @@ def cmd_generate(args) -> int:
     try:
         pipe = load_pipeline(model_path, args.device, args.dtype)
         pipe.validate_options(settings.guidance_scale, settings.top_k, settings.top_p, settings.diffusion_steps,
-                              settings.diffusion_temperature, settings.seed, settings.speed, settings.guidance_until,
-                              settings.prune_ratios, settings.int8_weights)
+                              settings.diffusion_temperature, settings.seed, **settings.lever_options())
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise UsageError(str(e)) from e
     names = _plan_outputs(args.out, count, args.grid)  # checked writable before any generation
@@ -206,6 +203,7 @@ def _settings_from_args(args):
         diffusion_steps=args.diffusion_steps, diffusion_temperature=args.diffusion_temperature,
         use_system_prompt=not args.no_system_prompt, speed=args.speed, guidance_until=args.guidance_until,
         prune_ratios=args.prune_ratios, int8_weights=True if args.int8_weights else None,
+        fp8_weights=True if args.fp8_weights else None, cpu_bf16=True if args.cpu_bf16 else None,
     )
 
 
@@ -357,6 +355,11 @@ def _add_model_and_sampling_args(g) -> None:
                         "(FastVAR's HART setting); overrides the preset's")
     g.add_argument("--int8-weights", action="store_true",
                    help="a speed lever (CPU): the transformer's projections as int8 GEMMs")
+    g.add_argument("--fp8-weights", action="store_true",
+                   help="a speed lever (CUDA, compute capability 8.9+): the transformer's projections as fp8 GEMMs")
+    g.add_argument("--cpu-bf16", action="store_true",
+                   help="a speed lever (CPU, float32): run in bfloat16 (a gain only where the CPU has native "
+                        "bfloat16: AVX512-BF16 or AMX)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 

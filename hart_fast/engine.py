@@ -54,9 +54,10 @@ from hart_fast.sampling import filter_top_k_top_p_
 
 class _BlockWeights:
     """A block's weights in the form the fused path wants (views, no copies), and its
-    projections as callables: float (F.linear on the weights) or int8 (hart_fast.quantize)."""
+    projections as callables: float (F.linear on the weights), or int8 / fp8
+    (hart_fast.quantize) for the `weights` lever of that name."""
 
-    def __init__(self, block: AdaLNSelfAttn, int8: bool = False):
+    def __init__(self, block: AdaLNSelfAttn, weights: str = "float"):
         a = block.attn
         self.block = block
         self.norm_w = block.ln_wo_grad.weight
@@ -69,21 +70,22 @@ class _BlockWeights:
             a.scale_mul_1H11.clamp_max(a.max_scale_mul).exp().reshape(-1).contiguous() if a.attn_l2_norm else None
         )
         self.ffn = block.ffn
-        if not int8:
+        if weights == "float":
             self.qkv = lambda h: F.linear(h, self.qkv_w, self.qkv_b)
             self.proj = a.proj
             self.ffn_fn = lambda h: _ffn(block.ffn, h)
             return
-        from hart_fast.quantize import Int8Linear, int8_from
+        from hart_fast.quantize import QUANTIZED
 
-        self.qkv = Int8Linear(self.qkv_w, self.qkv_b)
-        self.proj = int8_from(a.proj)
+        quantized, from_linear = QUANTIZED[weights]
+        self.qkv = quantized(self.qkv_w, self.qkv_b)
+        self.proj = from_linear(a.proj)
         if isinstance(block.ffn, FFN):
-            fc1, fc2 = int8_from(block.ffn.fc1), int8_from(block.ffn.fc2)
+            fc1, fc2 = from_linear(block.ffn.fc1), from_linear(block.ffn.fc2)
             self.ffn_fn = lambda h: fc2(F.gelu(fc1(h), approximate="tanh"))
         else:
-            gate, up, down = (int8_from(block.ffn.gate_proj), int8_from(block.ffn.up_proj),
-                              int8_from(block.ffn.down_proj))
+            gate, up, down = (from_linear(block.ffn.gate_proj), from_linear(block.ffn.up_proj),
+                              from_linear(block.ffn.down_proj))
             self.ffn_fn = lambda h: down(F.silu(gate(h)) * up(h))
 
 
@@ -120,19 +122,22 @@ class FastEngine:
     """The fast backend (see hart_fast.generation): fused kernels, static buffers, CUDA graphs."""
 
     def __init__(self, transformer: HartTransformer, tokenizer, use_cuda_graphs: Optional[bool] = None,
-                 int8_weights: bool = False):
+                 weights: str = "float"):
         self.tr, self.tok = transformer, tokenizer
         w = transformer.word_embed.weight
         self.device, self.dtype = w.device, w.dtype
         self.plan = KernelPlan.for_model(transformer.cfg, self.device, self.dtype)
-        # int8_weights (a CPU speed lever, hart_fast.quantize): the blocks' and the head's
-        # projections run as int8 GEMMs.
-        self.int8_weights = bool(int8_weights)  # Int8Linear refuses weights off the CPU
-        self.blocks = [_BlockWeights(b, self.int8_weights) for b in transformer.blocks]
-        if self.int8_weights:
-            from hart_fast.quantize import int8_from
+        # weights "int8" / "fp8" (the int8_weights / fp8_weights speed levers,
+        # hart_fast.quantize): the blocks' and the head's projections run as int8 or
+        # fp8 GEMMs.  Int8Linear refuses weights off the CPU.
+        if weights not in ("float", "int8", "fp8"):
+            raise ValueError(f"weights must be 'float', 'int8' or 'fp8', got {weights!r}")
+        self.weights = weights
+        self.blocks = [_BlockWeights(b, weights) for b in transformer.blocks]
+        if weights != "float":
+            from hart_fast.quantize import QUANTIZED
 
-            head_q = int8_from(transformer.head)
+            head_q = QUANTIZED[weights][1](transformer.head)
             self._logits = lambda h, mod: head_q(transformer.head_nm(h.float(), mod)).float()
         else:
             self._logits = transformer.logits

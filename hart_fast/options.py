@@ -46,16 +46,21 @@ def check_number(name, value, kind, lo=None, hi=None, lo_open=False, hi_open=Fal
 
 def validate_options(guidance_scale=4.5, top_k=None, top_p=0.0, diffusion_steps=None, diffusion_temperature=1.0,
                      seed=0, schedule_fn=None, speed="exact", guidance_until=None, prune_ratios=None,
-                     int8_weights=None) -> None:
+                     **levers) -> None:
     """Raise ValueError naming the first invalid sampling option.
 
     schedule_fn(steps_string) builds a respaced schedule (raises ValueError for a bad one).
-    guidance_until's range, how many prune_ratios fit and where int8_weights can
+    levers: the on/off speed levers (hart_fast.speed.BOOL_LEVERS), each None, True or False.
+    guidance_until's range, how many prune_ratios fit and where each lever can
     run depend on the model and the pipeline (HartPipeline.validate_options checks them).
     """
-    from hart_fast.speed import check_speed
+    from hart_fast.speed import BOOL_LEVERS, check_bool_levers, check_speed
 
     check_speed(speed)
+    unknown = set(levers) - set(BOOL_LEVERS)
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}")
+    check_bool_levers(**levers)
     if guidance_until is not None:
         check_number("guidance_until", guidance_until, int,
                      hint=" (the number of scales, from the first, that run guidance; negative: from the end)")
@@ -63,8 +68,6 @@ def validate_options(guidance_scale=4.5, top_k=None, top_p=0.0, diffusion_steps=
         from hart_fast.pruning import check_ratios
 
         check_ratios(prune_ratios, None)
-    if int8_weights is not None and not isinstance(int8_weights, bool):
-        raise ValueError(f"int8_weights must be True or False, got {int8_weights!r}")
     # CFG extrapolates (1 + t) * cond - t * uncond with t = guidance_scale * ratio; a
     # negative scale would steer towards the unconditional image: refused.
     check_number("guidance_scale (cfg)", guidance_scale, float, lo=0,

@@ -21,7 +21,7 @@ from hart_fast.model.transformer import HartTransformer
 from hart_fast.options import parse_dtype, validate_inputs, validate_options
 from hart_fast.pruning import check_ratios
 from hart_fast.reference import ReferenceBackend
-from hart_fast.speed import resolve_levers
+from hart_fast.speed import pipeline_traits, resolve_levers
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -50,15 +50,18 @@ class HartPipeline:
 
         self.fast = ops.HAS_EXTENSION if fast is None else bool(fast)
         self._engine = None
-        self._engine_int8 = None  # the int8_weights lever's engine, built on first use
+        # Built on first use: the int8_weights / fp8_weights levers' engines (by weight
+        # kind), and the cpu_bf16 lever's bfloat16 copy of this pipeline.
+        self._quantized_engines: Dict[str, object] = {}
+        self._bf16_pipeline: Optional["HartPipeline"] = None
 
     def release_memory(self) -> bool:
         """Free the fast path's cached state of every batch size (KV caches, stage
         buffers, CUDA graphs); the next generate rebuilds what it needs.  Returns
         whether anything was freed."""
         freed = self._engine is not None and self._engine.release()
-        if self._engine_int8 is not None:
-            self._engine_int8, freed = None, True
+        if self._quantized_engines or self._bf16_pipeline is not None:
+            self._quantized_engines, self._bf16_pipeline, freed = {}, None, True
         return freed
 
     def _retry_out_of_memory(self, fn, keep_rows: Optional[int] = None):
@@ -84,21 +87,33 @@ class HartPipeline:
             self._engine = FastEngine(self.transformer, self.tokenizer)
         return self._engine
 
-    @property
-    def engine_int8(self):
-        """The FastEngine whose transformer projections are int8 (the int8_weights lever)."""
-        if self._engine_int8 is None:
+    def quantized_engine(self, weights: str):
+        """The FastEngine whose transformer projections are `weights` ('int8' or 'fp8':
+        the int8_weights / fp8_weights levers), built on first use."""
+        if weights not in self._quantized_engines:
             from hart_fast.engine import FastEngine
 
-            self._engine_int8 = FastEngine(self.transformer, self.tokenizer, int8_weights=True)
-        return self._engine_int8
+            self._quantized_engines[weights] = FastEngine(self.transformer, self.tokenizer, weights=weights)
+        return self._quantized_engines[weights]
 
-    def levers(self, speed="exact", guidance_until=None, prune_ratios=None, diffusion_steps=None,
-               int8_weights=None):
-        """The speed levers a call runs with (hart_fast.speed.resolve_levers for this pipeline)."""
-        return resolve_levers(speed, guidance_until=guidance_until, prune_ratios=prune_ratios,
-                              diffusion_steps=diffusion_steps, int8_weights=int8_weights,
-                              cpu_fast_path=self.fast and self.device.type == "cpu")
+    @property
+    def bf16_pipeline(self) -> "HartPipeline":
+        """A bfloat16 copy of this (float32 CPU) pipeline: the cpu_bf16 lever."""
+        if self._bf16_pipeline is None:
+            import copy
+
+            # Made outside inference mode (generate runs in it): the copy's weights are
+            # ordinary tensors, whose version counters the diffusion's caches read.
+            with torch.inference_mode(False):
+                self._bf16_pipeline = HartPipeline(copy.deepcopy(self.transformer), copy.deepcopy(self.tokenizer),
+                                                   self.device, torch.bfloat16, self.info, fast=self.fast)
+        return self._bf16_pipeline
+
+    def levers(self, speed="exact", **explicit):
+        """The speed levers a call runs with (hart_fast.speed.resolve_levers for this
+        pipeline: the preset, its extras where this pipeline gains from them, and
+        every explicit non-None lever)."""
+        return resolve_levers(speed, traits=pipeline_traits(self.device, self.dtype, self.fast), **explicit)
 
     @classmethod
     def from_pretrained(cls, model_dir, device="cpu", dtype=torch.float32, use_ema: Optional[bool] = None,
@@ -126,22 +141,38 @@ class HartPipeline:
         return self._schedules[key]
 
     def validate_options(self, guidance_scale=4.5, top_k=None, top_p=0.0, diffusion_steps=None,
-                         diffusion_temperature=1.0, seed=0, speed="exact", guidance_until=None, prune_ratios=None,
-                         int8_weights=None):
-        """Raise ValueError naming the first invalid sampling option."""
-        levers = self.levers(speed, guidance_until, prune_ratios, diffusion_steps, int8_weights)
-        validate_options(guidance_scale, top_k, top_p, levers["diffusion_steps"], diffusion_temperature, seed,
-                         schedule_fn=self.schedule, guidance_until=levers["guidance_until"],
-                         prune_ratios=levers["prune_ratios"], int8_weights=levers["int8_weights"])
-        guided_stages(levers["guidance_until"], self.config.num_stages)
-        if levers["prune_ratios"] is not None:
-            check_ratios(levers["prune_ratios"], self.config.num_stages)
-        if levers["int8_weights"] and self.device.type != "cpu":
+                         diffusion_temperature=1.0, seed=0, speed="exact", **levers):
+        """Raise ValueError naming the first invalid sampling option.  levers: the
+        speed levers of hart_fast.speed.LEVERS but diffusion_steps (None = unset)."""
+        lv = self.levers(speed, diffusion_steps=diffusion_steps, **levers)
+        validate_options(guidance_scale, top_k, top_p, lv["diffusion_steps"], diffusion_temperature, seed,
+                         schedule_fn=self.schedule, guidance_until=lv["guidance_until"],
+                         prune_ratios=lv["prune_ratios"],
+                         **{k: lv[k] for k in ("int8_weights", "fp8_weights", "cpu_bf16")})
+        guided_stages(lv["guidance_until"], self.config.num_stages)
+        if lv["prune_ratios"] is not None:
+            check_ratios(lv["prune_ratios"], self.config.num_stages)
+        for name in ("int8_weights", "fp8_weights"):
+            if lv[name] and not self.fast:
+                raise ValueError(f"{name} runs on the fast path only (this pipeline has fast=False or no "
+                                 "compiled extension)")
+        if lv["int8_weights"] and self.device.type != "cpu":
             raise ValueError(f"int8_weights runs on the CPU only, not on {self.device}; on a GPU use "
-                             "dtype='float16' or 'bfloat16'")
-        if levers["int8_weights"] and not self.fast:
-            raise ValueError("int8_weights runs on the fast path only (this pipeline has fast=False or no "
-                             "compiled extension)")
+                             "dtype='float16' or 'bfloat16', or fp8_weights on Hopper / Ada")
+        if lv["fp8_weights"]:
+            from hart_fast.quantize import fp8_supported
+
+            if not fp8_supported(self.device):
+                raise ValueError(f"fp8_weights needs a CUDA GPU of compute capability 8.9 or later (Ada, Hopper); "
+                                 f"this pipeline runs on {self.device}" +
+                                 ("; on the CPU use int8_weights" if self.device.type == "cpu" else ""))
+            if lv["int8_weights"]:
+                raise ValueError("int8_weights and fp8_weights exclude each other: choose one")
+        if lv["cpu_bf16"] and self.device.type != "cpu":
+            raise ValueError(f"cpu_bf16 is a CPU lever (this pipeline runs on {self.device}); on a GPU load the "
+                             "pipeline with dtype='bfloat16'")
+        if lv["cpu_bf16"] and self.dtype != torch.float32:
+            raise ValueError(f"cpu_bf16 runs a float32 pipeline in bfloat16; this one is already {self.dtype}")
 
     @torch.inference_mode()
     def generate(
@@ -164,6 +195,8 @@ class HartPipeline:
         guidance_until: Optional[int] = None,
         prune_ratios: Optional[Sequence[float]] = None,
         int8_weights: Optional[bool] = None,
+        fp8_weights: Optional[bool] = None,
+        cpu_bf16: Optional[bool] = None,
         trace: Optional[dict] = None,
         diffusion_noise_fn: Optional[Callable] = None,
     ):
@@ -181,8 +214,10 @@ class HartPipeline:
         residual_latents (B, L_last, Cvae) is the residual diffusion's initial noise.
         speed: 'exact' (the official algorithm), 'balanced' or 'fastest', presets of
         the levers in hart_fast.speed: guidance_until (CFG on the first g scales
-        only), prune_ratios (token pruning at the last scales), diffusion_steps and
-        int8_weights (CPU); an explicit lever overrides the preset's.
+        only), prune_ratios (token pruning at the last scales), diffusion_steps,
+        int8_weights (CPU), fp8_weights (CUDA, compute capability 8.9+) and cpu_bf16
+        (a float32 CPU pipeline run in bfloat16); an explicit lever overrides the
+        preset's.
         trace, a dict, receives the loop's intermediate tensors (hart_fast.generation);
         diffusion_noise_fn(shape) replaces the residual diffusion's Gaussian draws.
         Returns (B, 3, H, W) float in [0, 1] ("pt"), a list of PIL images ("pil")
@@ -190,16 +225,27 @@ class HartPipeline:
         """
         validate_inputs(self.config, self.tokenizer.Cvae, prompt_embeds, prompt_mask, residual_latents, output_type,
                         seed)
+        explicit = dict(guidance_until=guidance_until, prune_ratios=prune_ratios, int8_weights=int8_weights,
+                        fp8_weights=fp8_weights, cpu_bf16=cpu_bf16)
         self.validate_options(guidance_scale, top_k, top_p, diffusion_steps, diffusion_temperature, seed, speed,
-                              guidance_until, prune_ratios, int8_weights)
-        levers = self.levers(speed, guidance_until, prune_ratios, diffusion_steps, int8_weights)
+                              **explicit)
+        levers = self.levers(speed, diffusion_steps=diffusion_steps, **explicit)
+        if levers.pop("cpu_bf16"):
+            # The same call on the bfloat16 copy, every lever now explicit.
+            out = self.bf16_pipeline.generate(
+                prompt_embeds, prompt_mask, guidance_scale, seed, top_k, top_p, more_smooth, residual_diffusion,
+                diffusion_temperature=diffusion_temperature, residual_latents=residual_latents,
+                token_sampler=token_sampler, output_type=output_type, trace=trace,
+                diffusion_noise_fn=diffusion_noise_fn, **levers)
+            return out.float() if output_type == "latent" else out
         diffusion_steps = levers["diffusion_steps"]
         if diffusion_steps is None:
             diffusion_steps = self.config.num_sampling_steps
 
         def run():
-            if levers["int8_weights"]:
-                backend = self.engine_int8
+            weights = "int8" if levers["int8_weights"] else "fp8" if levers["fp8_weights"] else None
+            if weights:
+                backend = self.quantized_engine(weights)
             else:
                 backend = self.engine if self.fast else ReferenceBackend(self.transformer, self.tokenizer)
             return generate_latent(

@@ -14,18 +14,29 @@ path. The other presets combine levers, each also an option of its own:
 - `diffusion_steps` (int): fewer residual-diffusion steps (a respaced schedule of
   the trained 1000).
 - `int8_weights` (bool, CPU, fast path): the transformer's projections as int8
-  GEMMs (hart_fast.quantize). A preset uses it where the pipeline can run it
-  (a CPU pipeline on the fast path); asked for explicitly where it cannot run, it
-  is an error naming the option.
+  GEMMs (hart_fast.quantize).
+- `fp8_weights` (bool, CUDA compute capability 8.9+, fast path): the same
+  projections as fp8 e4m3 GEMMs on the tensor cores (hart_fast.quantize).
+- `cpu_bf16` (bool, a float32 CPU pipeline): the transformer, the residual
+  diffusion and the decoder in bfloat16 (a bfloat16 copy of the modules, made on
+  first use). Only CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX)
+  gain from it; elsewhere torch emulates it and it is slower than float32.
 
 A preset fills in only the levers the caller left unset (None): an explicit
-option always wins. What each preset costs in quality and wins in time is
-measured by `bench/speed_modes.py` (BENCHMARKS.md, "Speed modes").
+option always wins. Some levers a preset adds only where the pipeline gains from
+them (`HARDWARE_EXTRAS`: int8 weights on a CPU pipeline on the fast path,
+bfloat16 on a float32 CPU pipeline whose CPU has native bfloat16). Asked for
+explicitly where it cannot run, a lever is an error naming the option. What each
+preset costs in quality and wins in time is measured by `bench/speed_modes.py`
+(BENCHMARKS.md, "Speed modes"); fp8 is not in a preset until a lent GPU has
+measured it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Collection, Dict
+
+import torch
 
 # Which levers each preset sets. Chosen from bench/speed_modes.py's table.
 SPEED_PRESETS: Dict[str, Dict[str, Any]] = {
@@ -33,10 +44,14 @@ SPEED_PRESETS: Dict[str, Dict[str, Any]] = {
     "balanced": {"guidance_until": -1},
     "fastest": {"guidance_until": -3, "prune_ratios": (0.5, 0.75), "diffusion_steps": 4},
 }
-# Levers a preset adds only where the pipeline runs them (see resolve_levers).
-CPU_FAST_PATH_EXTRAS: Dict[str, Dict[str, Any]] = {"exact": {}, "balanced": {"int8_weights": True},
-                                                   "fastest": {"int8_weights": True}}
-LEVERS = ("guidance_until", "prune_ratios", "diffusion_steps", "int8_weights")
+# Levers a preset adds only where the pipeline has the named property (see
+# `pipeline_traits`): a lever that wins on one machine and loses on another.
+HARDWARE_EXTRAS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    "cpu_fast_path": {"balanced": {"int8_weights": True}, "fastest": {"int8_weights": True}},
+    "cpu_native_bf16": {"balanced": {"cpu_bf16": True}, "fastest": {"cpu_bf16": True}},
+}
+LEVERS = ("guidance_until", "prune_ratios", "diffusion_steps", "int8_weights", "fp8_weights", "cpu_bf16")
+BOOL_LEVERS = ("int8_weights", "fp8_weights", "cpu_bf16")
 
 
 def check_speed(speed) -> str:
@@ -46,21 +61,43 @@ def check_speed(speed) -> str:
     return speed
 
 
-def resolve_levers(speed: str = "exact", *, guidance_until: Optional[int] = None, prune_ratios=None,
-                   diffusion_steps=None, int8_weights: Optional[bool] = None,
-                   cpu_fast_path: bool = False) -> Dict[str, Any]:
-    """The levers a call runs with: the preset's (with its CPU extras when the
-    pipeline is a CPU one on the fast path), overridden by every explicit
-    (non-None) option."""
+def check_bool_levers(**levers) -> None:
+    """ValueError naming the first on/off lever that is neither None, True nor False."""
+    for name in BOOL_LEVERS:
+        v = levers.get(name)
+        if v is not None and not isinstance(v, bool):
+            raise ValueError(f"{name} must be True or False, got {v!r}")
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU does bfloat16 arithmetic natively (AVX512-BF16 or AMX tiles)."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(p()) for p in probes if p is not None)
+
+
+def pipeline_traits(device: torch.device, dtype: torch.dtype, fast: bool) -> frozenset:
+    """The HARDWARE_EXTRAS keys a pipeline on (device, dtype, fast) has."""
+    traits = set()
+    if device.type == "cpu" and fast:
+        traits.add("cpu_fast_path")
+    if device.type == "cpu" and dtype == torch.float32 and cpu_native_bf16():
+        traits.add("cpu_native_bf16")
+    return frozenset(traits)
+
+
+def resolve_levers(speed: str = "exact", *, traits: Collection[str] = (), **explicit) -> Dict[str, Any]:
+    """The levers a call runs with: the preset's (with the HARDWARE_EXTRAS of every
+    trait the pipeline has), overridden by every explicit (non-None) lever."""
+    unknown = set(explicit) - set(LEVERS)
+    if unknown:
+        raise TypeError(f"unknown speed lever(s) {sorted(unknown)}; the levers are {', '.join(LEVERS)}")
     levers: Dict[str, Any] = {k: None for k in LEVERS}
     levers.update(SPEED_PRESETS[check_speed(speed)])
-    if cpu_fast_path:
-        levers.update(CPU_FAST_PATH_EXTRAS[speed])
-    for k, v in (("guidance_until", guidance_until), ("prune_ratios", prune_ratios),
-                 ("diffusion_steps", diffusion_steps), ("int8_weights", int8_weights)):
-        if v is not None:
-            levers[k] = v
+    for trait in sorted(traits):
+        levers.update(HARDWARE_EXTRAS[trait].get(speed, {}))
+    levers.update({k: v for k, v in explicit.items() if v is not None})
     return levers
 
 
-__all__ = ["SPEED_PRESETS", "CPU_FAST_PATH_EXTRAS", "LEVERS", "check_speed", "resolve_levers"]
+__all__ = ["BOOL_LEVERS", "HARDWARE_EXTRAS", "LEVERS", "SPEED_PRESETS", "check_bool_levers", "check_speed",
+           "cpu_native_bf16", "pipeline_traits", "resolve_levers"]

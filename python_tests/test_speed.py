@@ -13,7 +13,7 @@ from hart_fast.model.transformer import KVCache
 from hart_fast.pipeline import HartPipeline
 from hart_fast.pruning import (PrunePlan, block_forward_recording, gather_tokens, pivotal_tokens,
                                pruned_block_forward, restore)
-from hart_fast.speed import SPEED_PRESETS, resolve_levers
+from hart_fast.speed import LEVERS, SPEED_PRESETS, resolve_levers
 
 from tiny_models import random_prompts, write_model
 
@@ -216,8 +216,9 @@ def test_prune_plan_follows_the_schedule():
 
 
 def test_presets_fill_only_unset_levers():
-    assert resolve_levers("exact") == {"guidance_until": None, "prune_ratios": None, "diffusion_steps": None,
-                                      "int8_weights": None}
+    assert resolve_levers("exact") == {k: None for k in LEVERS}
+    assert set(LEVERS) == {"guidance_until", "prune_ratios", "diffusion_steps", "int8_weights", "fp8_weights",
+                           "cpu_bf16"}
     fastest = resolve_levers("fastest")
     assert {k: fastest[k] for k in SPEED_PRESETS["fastest"]} == SPEED_PRESETS["fastest"]
     assert resolve_levers("fastest", guidance_until=3, diffusion_steps=8)["guidance_until"] == 3
@@ -300,7 +301,8 @@ def test_int8_weights_run_the_quantized_engine(model_dir):
     ctx, mask = _prompts(pipe)
     tr_f, f_float, _ = _run(pipe, ctx, mask)
     tr_q, f_q, _ = _run(pipe, ctx, mask, int8_weights=True)
-    assert all(isinstance(bw.qkv, Int8Linear) and isinstance(bw.proj, Int8Linear) for bw in pipe.engine_int8.blocks)
+    assert all(isinstance(bw.qkv, Int8Linear) and isinstance(bw.proj, Int8Linear)
+               for bw in pipe.quantized_engine("int8").blocks)
     assert not any(isinstance(bw.qkv, Int8Linear) for bw in pipe.engine.blocks)
     # Stage 0 reads only the context (later stages follow codes that may differ).
     a, b = tr_q["stage00/logits"], tr_f["stage00/logits"]
@@ -315,6 +317,8 @@ def test_lever_types_are_checked_before_any_model():
     from hart_fast.options import validate_options
 
     for kw, match in (({"int8_weights": "yes"}, "int8_weights must be True or False"),
+                      ({"fp8_weights": 1}, "fp8_weights must be True or False"),
+                      ({"cpu_bf16": "on"}, "cpu_bf16 must be True or False"),
                       ({"speed": "warp"}, "speed must be one of"),
                       ({"prune_ratios": (2.0,)}, r"prune_ratios\[0\]"),
                       ({"guidance_until": "last"}, "guidance_until must be an integer")):
@@ -336,3 +340,142 @@ def test_int8_weights_where_they_cannot_run(model_dir):
         fast.validate_options(int8_weights=True)
     with pytest.raises(ValueError, match="int8_weights must be True or False"):
         HartPipeline.from_pretrained(model_dir, fast=True).generate(ctx, mask, int8_weights="yes")
+
+
+def test_hardware_extras_follow_the_pipeline(monkeypatch):
+    from hart_fast import speed
+
+    for native in (False, True):
+        monkeypatch.setattr(speed, "cpu_native_bf16", lambda native=native: native)
+        traits = speed.pipeline_traits(torch.device("cpu"), torch.float32, True)
+        assert ("cpu_native_bf16" in traits) == native and "cpu_fast_path" in traits
+        fastest = resolve_levers("fastest", traits=traits)
+        assert fastest["int8_weights"] is True and fastest["cpu_bf16"] is (True if native else None)
+        assert resolve_levers("exact", traits=traits) == {k: None for k in LEVERS}
+        # An explicit False wins over the preset's extra.
+        assert resolve_levers("fastest", traits=traits, cpu_bf16=False)["cpu_bf16"] is False
+    # bfloat16 only for a float32 CPU pipeline; int8 only on the CPU fast path.
+    assert speed.pipeline_traits(torch.device("cpu"), torch.bfloat16, True) == {"cpu_fast_path"}
+    assert speed.pipeline_traits(torch.device("cuda"), torch.float32, True) == frozenset()
+    assert speed.pipeline_traits(torch.device("cpu"), torch.float32, False) == {"cpu_native_bf16"}
+    with pytest.raises(TypeError, match="unknown speed lever"):
+        resolve_levers("fastest", warp_drive=True)
+
+
+def test_fp8_linear_is_its_quantized_arithmetic():
+    """Fp8Linear on the CPU (torch._scaled_mm runs there too): the product of its fp8
+    operands with their scales, close to the float linear, rows scaled one by one."""
+    from hart_fast.quantize import FP8_MAX, Fp8Linear, fp8_quantize_rows
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(3, 10, 64, generator=g) * torch.logspace(-2, 2, 10).reshape(1, 10, 1)  # rows of any size
+    q = Fp8Linear(lin.weight, lin.bias)
+    got = q(x)
+    assert got.shape == (3, 10, 48) and got.dtype == x.dtype
+    x_q, sx = fp8_quantize_rows(x.reshape(-1, 64))
+    assert x_q.dtype == torch.float8_e4m3fn and float(x_q.float().abs().max()) <= FP8_MAX
+    # Every fp8 product is exact in float32; only the order of the sums differs.
+    want = (x_q.float() * sx[:, None]) @ (q.w_NK.float() * q.w_scale_N[:, None]).T + lin.bias.detach()
+    bound = (x_q.float().abs() * sx[:, None]) @ (q.w_NK.float().abs() * q.w_scale_N[:, None]).T
+    assert torch.all((got.reshape(-1, 48) - want).abs() <= 1e-5 * bound + 1e-6 * want.abs())
+    # 3 mantissa bits per operand: a few percent of the output's norm.
+    ref = lin(x).detach()
+    assert 0 < float((got - ref).norm() / ref.norm()) < 0.08
+    # A row's scale is its own: scaling one row leaves the others' quantisation alone.
+    x2 = x.clone()
+    x2[0, 0] *= 1000
+    x2_q, _ = fp8_quantize_rows(x2.reshape(-1, 64))
+    assert torch.equal(x2_q[1:].view(torch.uint8), x_q[1:].view(torch.uint8))
+    # Sizes the fp8 GEMM cannot take keep the float weight.
+    odd = torch.nn.Linear(40, 24)
+    assert torch.equal(Fp8Linear(odd.weight, odd.bias)(x[..., :40]), odd(x[..., :40]).detach())
+
+
+def test_fp8_engine_runs_the_loop(model_dir):
+    """The fp8 engine's arithmetic through the whole loop, on the CPU (where the lever
+    itself is refused: there is nothing to win there)."""
+    from hart_fast.engine import FastEngine
+    from hart_fast.generation import generate_latent
+    from hart_fast.quantize import Fp8Linear
+
+    pipe = HartPipeline.from_pretrained(model_dir, fast=True)
+    ctx, mask = _prompts(pipe)
+    eng = FastEngine(pipe.transformer, pipe.tokenizer, weights="fp8")
+    assert all(isinstance(bw.qkv, Fp8Linear) and isinstance(bw.proj, Fp8Linear) for bw in eng.blocks)
+
+    def run(backend):
+        trace = {}
+        f = generate_latent(pipe.transformer, pipe.tokenizer, backend, ctx, mask, guidance_scale=4.5, seed=5,
+                            top_k=None, top_p=0.0, more_smooth=False, residual_diffusion=True,
+                            schedule=pipe.schedule("4"), diffusion_temperature=1.0, residual_latents=None,
+                            token_sampler=greedy, trace=trace)
+        return trace, f
+
+    tr_q, f_q = run(eng)
+    tr_f, _ = run(pipe.engine)
+    a, b = tr_q["stage00/logits"], tr_f["stage00/logits"]
+    assert 0 < float((a - b).norm() / b.norm()) < 0.1
+    assert torch.isfinite(f_q).all() and torch.equal(f_q, run(eng)[1])
+    with pytest.raises(ValueError, match="weights must be 'float', 'int8' or 'fp8'"):
+        FastEngine(pipe.transformer, pipe.tokenizer, weights="int4")
+
+
+def test_fp8_weights_where_they_cannot_run(model_dir, monkeypatch):
+    ctx, mask = _prompts(HartPipeline.from_pretrained(model_dir, fast=False))
+    with pytest.raises(ValueError, match="fp8_weights runs on the fast path only"):
+        HartPipeline.from_pretrained(model_dir, fast=False).generate(ctx, mask, fp8_weights=True)
+    fast = HartPipeline.from_pretrained(model_dir, fast=True)
+    with pytest.raises(ValueError, match=r"fp8_weights needs a CUDA GPU of compute capability 8.9 .*runs on cpu; "
+                                         "on the CPU use int8_weights"):
+        fast.generate(ctx, mask, fp8_weights=True)
+    # Validation only (nothing runs): a Hopper pipeline refuses int8 with fp8.
+    from hart_fast import quantize
+
+    monkeypatch.setattr(quantize, "fp8_supported", lambda device: True)
+    fast.device = torch.device("cuda")
+    fast.validate_options(fp8_weights=True)
+    with pytest.raises(ValueError, match="int8_weights runs on the CPU only"):
+        fast.validate_options(fp8_weights=True, int8_weights=True)
+    with pytest.raises(ValueError, match="cpu_bf16 is a CPU lever"):
+        fast.validate_options(cpu_bf16=True)
+
+
+def test_cpu_bf16_runs_a_bfloat16_copy(model_dir):
+    pipe = HartPipeline.from_pretrained(model_dir, fast=True)
+    ctx, mask = _prompts(pipe)
+    f_float = _run(pipe, ctx, mask)[1]
+    trace, f_bf, _ = _run(pipe, ctx, mask, cpu_bf16=True)
+    assert pipe.bf16_pipeline.dtype == torch.bfloat16 and pipe.dtype == torch.float32
+    assert pipe.bf16_pipeline.transformer.word_embed.weight.dtype == torch.bfloat16
+    assert pipe.transformer.word_embed.weight.dtype == torch.float32  # the float32 modules untouched
+    assert f_bf.dtype == torch.float32 and f_bf.shape == f_float.shape and torch.isfinite(f_bf).all()
+    # bfloat16 (8 mantissa bits): stage 0's logits within a few percent of float32's.
+    a, b = trace["stage00/logits"], _run(pipe, ctx, mask)[0]["stage00/logits"]
+    assert 0 < float((a - b).norm() / b.norm()) < 0.05
+    assert torch.equal(f_bf, _run(pipe, ctx, mask, cpu_bf16=True)[1])
+    assert torch.equal(f_float, _run(pipe, ctx, mask)[1])
+    img = pipe.generate(ctx, mask, seed=2, cpu_bf16=True, speed="fastest")
+    assert img.dtype == torch.float32 and img.shape[0] == 2 and float(img.min()) >= 0 and float(img.max()) <= 1
+    bf = HartPipeline.from_pretrained(model_dir, fast=True, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="cpu_bf16 runs a float32 pipeline in bfloat16; this one is already"):
+        bf.generate(ctx, mask, cpu_bf16=True)
+
+
+def test_cli_levers_reach_the_pipeline(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from hart_fast import cli
+
+    out = tmp_path / "bf16.png"
+    assert cli.main(["generate", "a red circle on a blue background", "--cpu-bf16", "--device", "cpu",
+                     "--out", str(out), "-q"]) == 0
+    meta = json.loads(Image.open(out).text["hart_fast"])
+    assert meta["cpu_bf16"] is True and meta["fp8_weights"] is None
+    # fp8 on the CPU: refused before anything is written.
+    assert cli.main(["generate", "a red circle on a blue background", "--fp8-weights", "--device", "cpu",
+                     "--out", str(tmp_path / "fp8.png"), "-q"]) != 0
+    assert not (tmp_path / "fp8.png").exists()
+    assert "fp8_weights needs a CUDA GPU" in capsys.readouterr().err
