@@ -285,7 +285,27 @@ def section_vq_glue(dev, dtype, repeats):
 # Sections in priority order: the issues' targets first (AR, with its per-stage
 # split and a kernel profile of each piece, diffusion, VAE, VQ glue), then end
 # to end, then the kernel-level comparisons.
-SECTION_ORDER = "ar,stages,profile,diffusion,vae,vq,e2e,norm,attention"
+SECTION_ORDER = "ar,stages,profile,diffusion,vae,vq,e2e,speed,norm,attention"
+
+
+def section_speed(dev, dtype, repeats):
+    """The speed presets (hart_fast.speed) end to end at batch 1 against exact, in one
+    run; on a GPU with fp8 tensor cores also fastest with fp8_weights (issue 14's
+    GPU target: fastest <= 100 ms at the 0.7B shape)."""
+    from hart_fast.quantize import fp8_supported
+
+    pipe = random_pipeline(LLM, TOK, dev, dtype, fast=True)
+    ctx, mask = random_prompts(pipe, 1)
+    modes = [("exact", {}), ("balanced", {"speed": "balanced"}), ("fastest", {"speed": "fastest"})]
+    if fp8_supported(dev):
+        modes += [("fp8_weights", {"fp8_weights": True}), ("fastest+fp8_weights", {"speed": "fastest",
+                                                                                  "fp8_weights": True})]
+    rows, base = [], None
+    for name, kw in modes:
+        ms = median_ms(lambda: pipe.generate(ctx, mask, seed=0, **kw), dev, repeats)
+        base = base or ms
+        rows.append({"section": "speed", "mode": name, "batch": 1, "ms": ms, "x_exact": base / ms})
+    return rows
 
 
 def main(argv=None):
@@ -325,6 +345,7 @@ def main(argv=None):
         "vae": lambda: section_vae(dev, dtype, batches, repeats),
         "vq": lambda: section_vq_glue(dev, dtype, repeats),
         "e2e": lambda: section_end_to_end(dev, dtype, batches, repeats),
+        "speed": lambda: section_speed(dev, dtype, repeats),
     }
     report = {"card": card, "torch": torch.__version__, "dtype": dt_name, "repeats": repeats, "small": args.small,
               "sections": {}}

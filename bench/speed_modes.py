@@ -56,6 +56,10 @@ ROWS = [
                                                  "int8_weights": True, "diffusion_steps": 4}),
     ("speed=balanced", {"speed": "balanced"}),
     ("speed=fastest", {"speed": "fastest"}),
+    # What a CPU with native bfloat16 (AVX512-BF16 / AMX) adds to the presets
+    # (hart_fast.speed.HARDWARE_EXTRAS); elsewhere torch emulates bfloat16.
+    ("cpu_bf16", {"cpu_bf16": True}),
+    ("speed=fastest+cpu_bf16", {"speed": "fastest", "cpu_bf16": True}),
 ]
 
 
@@ -136,7 +140,10 @@ def main() -> int:
     from hart_fast.demo import write_model_folder
     from hart_fast.pipeline import HartPipeline
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU")
+    from hart_fast.speed import cpu_native_bf16
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, CPU "
+          f"{torch.backends.cpu.get_cpu_capability()}, native bfloat16: {cpu_native_bf16()}")
     if not args.skip_medium:
         with tempfile.TemporaryDirectory() as tmp:
             d = write_model_folder(os.path.join(tmp, "medium"), MEDIUM_LLM, MEDIUM_TOK, with_encoder=False, seed=0)
