@@ -58,6 +58,12 @@ class GenerationSettings:
         return {"speed": self.speed, "guidance_until": self.guidance_until, "prune_ratios": self.prune_ratios,
                 "int8_weights": self.int8_weights, "fp8_weights": self.fp8_weights, "cpu_bf16": self.cpu_bf16}
 
+    def resolved_levers(self, pipe) -> Dict[str, Any]:
+        """The levers `pipe` runs these settings with (a preset's extras depend on the
+        machine: hart_fast.speed.HARDWARE_EXTRAS), for PNG metadata: with them an image
+        made on one kind of CPU can be remade on another."""
+        return pipe.levers(diffusion_steps=self.diffusion_steps, **self.lever_options())
+
 
 def resolve_model_path(model: Union[str, os.PathLike, None]) -> str:
     if model is not None:

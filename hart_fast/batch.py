@@ -231,9 +231,10 @@ class Generator:
         seconds = (time.perf_counter() - t0) / len(batch)
         records = []
         for it, img in zip(batch, to_pil(images)):
-            settings = {**_settings_for(self.base, it).as_dict()}
+            row_settings = _settings_for(self.base, it)
+            settings = row_settings.as_dict()
             meta = {"model": self.model_label, "device": self.device, "dtype": self.dtype, "index": it.index,
-                    **settings, "prompt": it.prompt}
+                    **settings, "levers": row_settings.resolved_levers(self.pipe), "prompt": it.prompt}
             save_png(img, os.path.join(self.out_dir, it.file), png_text(it.prompt, meta, settings, self.model_label,
                                                                          img.size))
             records.append({"index": it.index, "prompt": it.prompt, "seed": it.seed, "file": it.file,

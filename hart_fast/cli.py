@@ -164,6 +164,7 @@ def cmd_generate(args) -> int:
     base = {
         "model": name, "hart_fast_version": hart_fast.__version__, "device": args.device, "dtype": args.dtype,
         "batch_size": args.batch_size, "images_per_prompt": args.n, **settings.as_dict(),
+        "levers": settings.resolved_levers(pipe),
     }
     try:
         for batch in iter_generate(prompts, model=pipe, text_encoder=args.text_encoder, batch_size=args.batch_size,

@@ -274,6 +274,9 @@ def test_cli_speed_mode_is_recorded_and_reproducible(tmp_path):
     im = Image.open(out)
     meta = json.loads(im.text["hart_fast"])
     assert meta["speed"] == "fastest" and meta["prune_ratios"] == [0.5, 0.75]
+    # What the preset resolved to on this machine (its extras depend on the CPU).
+    assert meta["levers"]["guidance_until"] == -3 and meta["levers"]["diffusion_steps"] == 4
+    assert meta["levers"]["int8_weights"] is True
     again = hart_fast.generate(prompt, seed=meta["seed"], speed="fastest", prune_ratios=(0.5, 0.75))
     exact = hart_fast.generate(prompt, seed=meta["seed"])
     assert np.array_equal(np.asarray(again), np.asarray(im.convert("RGB")))
@@ -473,7 +476,7 @@ def test_cli_levers_reach_the_pipeline(tmp_path, capsys):
     assert cli.main(["generate", "a red circle on a blue background", "--cpu-bf16", "--device", "cpu",
                      "--out", str(out), "-q"]) == 0
     meta = json.loads(Image.open(out).text["hart_fast"])
-    assert meta["cpu_bf16"] is True and meta["fp8_weights"] is None
+    assert meta["cpu_bf16"] is True and meta["fp8_weights"] is None and meta["levers"]["cpu_bf16"] is True
     # fp8 on the CPU: refused before anything is written.
     assert cli.main(["generate", "a red circle on a blue background", "--fp8-weights", "--device", "cpu",
                      "--out", str(tmp_path / "fp8.png"), "-q"]) != 0
