@@ -122,7 +122,7 @@ class FastEngine:
     """The fast backend (see hart_fast.generation): fused kernels, static buffers, CUDA graphs."""
 
     def __init__(self, transformer: HartTransformer, tokenizer, use_cuda_graphs: Optional[bool] = None,
-                 weights: str = "float"):
+                 weights: str = "float", states: Optional[Dict[int, "StageState"]] = None):
         self.tr, self.tok = transformer, tokenizer
         w = transformer.word_embed.weight
         self.device, self.dtype = w.device, w.dtype
@@ -141,9 +141,14 @@ class FastEngine:
             self._logits = lambda h, mod: head_q(transformer.head_nm(h.float(), mod)).float()
         else:
             self._logits = transformer.logits
-        self.states: Dict[int, StageState] = {}
         on_cuda = self.device.type == "cuda"
         self.use_cuda_graphs = on_cuda if use_cuda_graphs is None else (use_cuda_graphs and on_cuda)
+        # states: another engine's static state (KV cache, buffers) to share, so a
+        # quantised engine beside the float one costs no second cache.  Only without
+        # CUDA graphs: a graph replays the weights it was captured with.
+        if states is not None and self.use_cuda_graphs:
+            raise ValueError("an engine with CUDA graphs cannot share another engine's static state")
+        self.states: Dict[int, StageState] = {} if states is None else states
         # Keep the state of every batch size seen (worth it for their graphs), or
         # only the latest one (see the module docstring).
         self.keep_all_states = self.use_cuda_graphs

@@ -93,7 +93,10 @@ class HartPipeline:
         if weights not in self._quantized_engines:
             from hart_fast.engine import FastEngine
 
-            self._quantized_engines[weights] = FastEngine(self.transformer, self.tokenizer, weights=weights)
+            # Without CUDA graphs (the CPU) it shares the float engine's KV cache and buffers.
+            shared = None if self.engine.use_cuda_graphs else self.engine.states
+            self._quantized_engines[weights] = FastEngine(self.transformer, self.tokenizer, weights=weights,
+                                                          states=shared)
         return self._quantized_engines[weights]
 
     @property

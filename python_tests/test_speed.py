@@ -312,8 +312,11 @@ def test_int8_weights_run_the_quantized_engine(model_dir):
     assert 0 < float((a - b).norm() / b.norm()) < 0.1
     assert torch.isfinite(f_q).all()
     assert torch.equal(f_q, _run(pipe, ctx, mask, int8_weights=True)[1])
-    # The float engine is untouched by the int8 one.
+    # The float engine is untouched by the int8 one, whose KV cache and buffers it shares.
+    assert pipe.quantized_engine("int8").states is pipe.engine.states
     assert torch.equal(f_float, _run(pipe, ctx, mask)[1])
+    _run(pipe, ctx[:1], mask[:1])  # another batch size through the shared state, then back
+    assert torch.equal(f_q, _run(pipe, ctx, mask, int8_weights=True)[1])
 
 
 def test_lever_types_are_checked_before_any_model():
