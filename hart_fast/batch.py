@@ -298,6 +298,11 @@ def run_batch(prompts_path: str, out_dir: str, *, model=None, text_encoder=None,
         try:
             validate_options(s.guidance_scale, s.top_k, s.top_p, s.diffusion_steps, s.diffusion_temperature, 0,
                              **s.lever_options())
+            if torch.device(device).type == "cpu":  # a GPU's levers are checked where the GPU is (the worker)
+                from hart_fast.options import parse_dtype
+                from hart_fast.speed import check_levers_where
+
+                check_levers_where(s.lever_options(), device, parse_dtype(dtype))
         except ValueError as e:
             raise PromptFileError(f"{prompts_path}: {e}") from e
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):

@@ -203,8 +203,8 @@ def _settings_from_args(args):
         more_smooth=not args.no_more_smooth, residual_diffusion=not args.no_residual,
         diffusion_steps=args.diffusion_steps, diffusion_temperature=args.diffusion_temperature,
         use_system_prompt=not args.no_system_prompt, speed=args.speed, guidance_until=args.guidance_until,
-        prune_ratios=args.prune_ratios, int8_weights=True if args.int8_weights else None,
-        fp8_weights=True if args.fp8_weights else None, cpu_bf16=True if args.cpu_bf16 else None,
+        prune_ratios=args.prune_ratios, int8_weights=args.int8_weights, fp8_weights=args.fp8_weights,
+        cpu_bf16=args.cpu_bf16,
     )
 
 
@@ -354,11 +354,12 @@ def _add_model_and_sampling_args(g) -> None:
     g.add_argument("--prune-ratios", type=_ratios, default=None, metavar="R,R",
                    help="a speed lever: prune these fractions of the tokens of the last scales, e.g. 0.5,0.75 "
                         "(FastVAR's HART setting); overrides the preset's")
-    g.add_argument("--int8-weights", action="store_true",
+    # --no-X turns off a lever a preset would add (default: the preset decides).
+    g.add_argument("--int8-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="a speed lever (CPU): the transformer's projections as int8 GEMMs")
-    g.add_argument("--fp8-weights", action="store_true",
+    g.add_argument("--fp8-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="a speed lever (CUDA, compute capability 8.9+): the transformer's projections as fp8 GEMMs")
-    g.add_argument("--cpu-bf16", action="store_true",
+    g.add_argument("--cpu-bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="a speed lever (CPU, float32): run in bfloat16 (a gain only where the CPU has native "
                         "bfloat16: AVX512-BF16 or AMX)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

@@ -21,7 +21,7 @@ from hart_fast.model.transformer import HartTransformer
 from hart_fast.options import parse_dtype, validate_inputs, validate_options
 from hart_fast.pruning import check_ratios
 from hart_fast.reference import ReferenceBackend
-from hart_fast.speed import pipeline_traits, resolve_levers
+from hart_fast.speed import check_levers_where, pipeline_traits, resolve_levers
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -60,6 +60,8 @@ class HartPipeline:
         buffers, CUDA graphs); the next generate rebuilds what it needs.  Returns
         whether anything was freed."""
         freed = self._engine is not None and self._engine.release()
+        for eng in self._quantized_engines.values():
+            eng.release()  # its CUDA graphs and pools, before the engine goes
         if self._quantized_engines or self._bf16_pipeline is not None:
             self._quantized_engines, self._bf16_pipeline, freed = {}, None, True
         return freed
@@ -69,13 +71,16 @@ class HartPipeline:
         state it does not need (other batch sizes' buffers and graphs; for a decode,
         keep_rows None, all of it).  The retry starts from scratch: seeded runs
         give the same result; a stateful token_sampler sees the stages again."""
+        engines = [e for e in (self._engine, *self._quantized_engines.values()) if e is not None]
         try:
             return fn()
         except (RuntimeError, torch.OutOfMemoryError) as e:
-            if not is_out_of_memory(e) or self._engine is None or not self._engine.release(keep=keep_rows):
+            # Every engine's spare state (the float one's and the quantised levers').
+            if not is_out_of_memory(e) or not any([eng.release(keep=keep_rows) for eng in engines]):
                 raise
         # The state of this batch size too: a graph capture cut short is not reused.
-        self._engine.release()
+        for eng in engines:
+            eng.release()
         return fn()
 
     @property
@@ -155,27 +160,7 @@ class HartPipeline:
         guided_stages(lv["guidance_until"], self.config.num_stages)
         if lv["prune_ratios"] is not None:
             check_ratios(lv["prune_ratios"], self.config.num_stages)
-        for name in ("int8_weights", "fp8_weights"):
-            if lv[name] and not self.fast:
-                raise ValueError(f"{name} runs on the fast path only (this pipeline has fast=False or no "
-                                 "compiled extension)")
-        if lv["int8_weights"] and self.device.type != "cpu":
-            raise ValueError(f"int8_weights runs on the CPU only, not on {self.device}; on a GPU use "
-                             "dtype='float16' or 'bfloat16', or fp8_weights on Hopper / Ada")
-        if lv["fp8_weights"]:
-            from hart_fast.quantize import fp8_supported
-
-            if not fp8_supported(self.device):
-                raise ValueError(f"fp8_weights needs a CUDA GPU of compute capability 8.9 or later (Ada, Hopper); "
-                                 f"this pipeline runs on {self.device}" +
-                                 ("; on the CPU use int8_weights" if self.device.type == "cpu" else ""))
-            if lv["int8_weights"]:
-                raise ValueError("int8_weights and fp8_weights exclude each other: choose one")
-        if lv["cpu_bf16"] and self.device.type != "cpu":
-            raise ValueError(f"cpu_bf16 is a CPU lever (this pipeline runs on {self.device}); on a GPU load the "
-                             "pipeline with dtype='bfloat16'")
-        if lv["cpu_bf16"] and self.dtype != torch.float32:
-            raise ValueError(f"cpu_bf16 runs a float32 pipeline in bfloat16; this one is already {self.dtype}")
+        check_levers_where(lv, self.device, self.dtype, self.fast)
 
     @torch.inference_mode()
     def generate(

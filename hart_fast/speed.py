@@ -20,7 +20,9 @@ path. The other presets combine levers, each also an option of its own:
 - `cpu_bf16` (bool, a float32 CPU pipeline): the transformer, the residual
   diffusion and the decoder in bfloat16 (a bfloat16 copy of the modules, made on
   first use). Only CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX)
-  gain from it; elsewhere torch emulates it and it is slower than float32.
+  gain from it; elsewhere torch emulates it and it is slower than float32. With
+  int8_weights too (as in the presets on a CPU) the projections run int8 from
+  the bfloat16 weights, and everything else in bfloat16.
 
 A preset fills in only the levers the caller left unset (None): an explicit
 option always wins. Some levers a preset adds only where the pipeline gains from
@@ -34,7 +36,7 @@ measured it.
 
 from __future__ import annotations
 
-from typing import Any, Collection, Dict
+from typing import Any, Collection, Dict, Optional
 
 import torch
 
@@ -85,6 +87,34 @@ def pipeline_traits(device: torch.device, dtype: torch.dtype, fast: bool) -> fro
     return frozenset(traits)
 
 
+def check_levers_where(levers: Dict[str, Any], device, dtype=None, fast: Optional[bool] = None) -> None:
+    """ValueError naming the first lever that cannot run on `device` (and `dtype`, and
+    the fast path `fast`; None: not known yet, not checked)."""
+    device = torch.device(device)
+    if levers.get("int8_weights") and levers.get("fp8_weights"):
+        raise ValueError("int8_weights and fp8_weights exclude each other: choose one")
+    if fast is False:
+        for name in ("int8_weights", "fp8_weights"):
+            if levers.get(name):
+                raise ValueError(f"{name} runs on the fast path only (this pipeline has fast=False or no "
+                                 "compiled extension)")
+    if levers.get("int8_weights") and device.type != "cpu":
+        raise ValueError(f"int8_weights runs on the CPU only, not on {device}; on a GPU use dtype='float16' or "
+                         "'bfloat16', or fp8_weights on Hopper / Ada")
+    if levers.get("fp8_weights"):
+        from hart_fast.quantize import fp8_supported
+
+        if not fp8_supported(device):
+            raise ValueError(f"fp8_weights needs a CUDA GPU of compute capability 8.9 or later (Ada, Hopper); "
+                             f"this pipeline runs on {device}" + ("; on the CPU use int8_weights"
+                                                                  if device.type == "cpu" else ""))
+    if levers.get("cpu_bf16") and device.type != "cpu":
+        raise ValueError(f"cpu_bf16 is a CPU lever (this pipeline runs on {device}); on a GPU load the pipeline "
+                         "with dtype='bfloat16'")
+    if levers.get("cpu_bf16") and dtype is not None and dtype != torch.float32:
+        raise ValueError(f"cpu_bf16 runs a float32 pipeline in bfloat16; this one is already {dtype}")
+
+
 def resolve_levers(speed: str = "exact", *, traits: Collection[str] = (), **explicit) -> Dict[str, Any]:
     """The levers a call runs with: the preset's (with the HARDWARE_EXTRAS of every
     trait the pipeline has), overridden by every explicit (non-None) lever."""
@@ -99,5 +129,5 @@ def resolve_levers(speed: str = "exact", *, traits: Collection[str] = (), **expl
     return levers
 
 
-__all__ = ["BOOL_LEVERS", "HARDWARE_EXTRAS", "LEVERS", "SPEED_PRESETS", "check_bool_levers", "check_speed",
-           "cpu_native_bf16", "pipeline_traits", "resolve_levers"]
+__all__ = ["BOOL_LEVERS", "HARDWARE_EXTRAS", "LEVERS", "SPEED_PRESETS", "check_bool_levers", "check_levers_where",
+           "check_speed", "cpu_native_bf16", "pipeline_traits", "resolve_levers"]

@@ -441,8 +441,10 @@ def test_fp8_weights_where_they_cannot_run(model_dir, monkeypatch):
     monkeypatch.setattr(quantize, "fp8_supported", lambda device: True)
     fast.device = torch.device("cuda")
     fast.validate_options(fp8_weights=True)
-    with pytest.raises(ValueError, match="int8_weights runs on the CPU only"):
+    with pytest.raises(ValueError, match="int8_weights and fp8_weights exclude each other"):
         fast.validate_options(fp8_weights=True, int8_weights=True)
+    with pytest.raises(ValueError, match="int8_weights runs on the CPU only"):
+        fast.validate_options(int8_weights=True)
     with pytest.raises(ValueError, match="cpu_bf16 is a CPU lever"):
         fast.validate_options(cpu_bf16=True)
 
@@ -473,15 +475,61 @@ def test_cli_levers_reach_the_pipeline(tmp_path, capsys):
 
     from PIL import Image
 
+    import hart_fast
     from hart_fast import cli
 
     out = tmp_path / "bf16.png"
     assert cli.main(["generate", "a red circle on a blue background", "--cpu-bf16", "--device", "cpu",
                      "--out", str(out), "-q"]) == 0
-    meta = json.loads(Image.open(out).text["hart_fast"])
+    im = Image.open(out)
+    meta = json.loads(im.text["hart_fast"])
     assert meta["cpu_bf16"] is True and meta["fp8_weights"] is None and meta["levers"]["cpu_bf16"] is True
+    # The lever reached the pipeline: the PNG is the bfloat16 image, not the float32 one.
+    pixels = np.asarray(im.convert("RGB"))
+    prompt = "a red circle on a blue background"
+    assert np.array_equal(pixels, np.asarray(hart_fast.generate(prompt, seed=meta["seed"], cpu_bf16=True)))
+    assert not np.array_equal(pixels, np.asarray(hart_fast.generate(prompt, seed=meta["seed"])))
+    # --no-X turns off a lever the preset adds.
+    off = tmp_path / "off.png"
+    assert cli.main(["generate", prompt, "--speed", "fastest", "--no-int8-weights", "--device", "cpu",
+                     "--out", str(off), "-q"]) == 0
+    meta_off = json.loads(Image.open(off).text["hart_fast"])
+    assert meta_off["int8_weights"] is False and meta_off["levers"]["int8_weights"] is False
     # fp8 on the CPU: refused before anything is written.
     assert cli.main(["generate", "a red circle on a blue background", "--fp8-weights", "--device", "cpu",
                      "--out", str(tmp_path / "fp8.png"), "-q"]) != 0
     assert not (tmp_path / "fp8.png").exists()
     assert "fp8_weights needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_batch_refuses_a_lever_the_cpu_cannot_run_before_any_work(tmp_path):
+    from hart_fast.api import GenerationSettings
+    from hart_fast.batch import PromptFileError, run_batch
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle on a blue background\n")
+    out = tmp_path / "out"
+    with pytest.raises(PromptFileError, match="fp8_weights needs a CUDA GPU"):
+        run_batch(str(prompts), str(out), device="cpu", settings=GenerationSettings(fp8_weights=True))
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8 GEMMs on the tensor cores need a CUDA GPU")
+def test_fp8_engine_on_the_gpu_graphed_and_eager(model_dir):
+    """On a GPU with fp8 (compute capability 8.9+): the fp8 engine captured in CUDA
+    graphs gives what it gives eagerly, and stays near the float engine."""
+    from hart_fast.engine import FastEngine
+    from hart_fast.quantize import fp8_supported
+
+    if not fp8_supported("cuda"):
+        pytest.skip("this GPU has no fp8 tensor cores (compute capability < 8.9)")
+    pipe = HartPipeline.from_pretrained(model_dir, device="cuda", dtype=torch.float16, fast=True)
+    ctx, mask = (t.cuda() for t in _prompts(pipe))
+    graphed = _run(pipe, ctx, mask, fp8_weights=True)
+    assert pipe.quantized_engine("fp8").use_cuda_graphs
+    pipe._quantized_engines["fp8"] = FastEngine(pipe.transformer, pipe.tokenizer, use_cuda_graphs=False,
+                                                weights="fp8")
+    eager = _run(pipe, ctx, mask, fp8_weights=True)
+    torch.testing.assert_close(graphed[1], eager[1], rtol=1e-3, atol=1e-3 * float(eager[1].abs().max()))
+    a, b = graphed[0]["stage00/logits"].float(), _run(pipe, ctx, mask)[0]["stage00/logits"].float()
+    assert 0 < float((a - b).norm() / b.norm()) < 0.1
