@@ -54,8 +54,11 @@ class _Actor:
     def __init__(self, make_generator: Callable, cpu_threads: Optional[int]):
         import torch
 
+        from hart_fast.cpu_memory import keep_freed_memory
+
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
+        keep_freed_memory()  # a worker process of ours (hart_fast.cpu_memory)
         self.gen = make_generator()
 
     def __call__(self, batch):

@@ -457,6 +457,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("hart_fast").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
+    from hart_fast.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # this process is ours: large batches reuse freed pages (hart_fast.cpu_memory)
     if getattr(args, "dtype", "x") is None:
         args.dtype = "float16" if str(args.device).startswith("cuda") else "float32"
     try:
