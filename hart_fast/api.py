@@ -55,8 +55,10 @@ class GenerationSettings:
 
     def lever_options(self) -> Dict[str, Any]:
         """The speed preset and levers, as HartPipeline.generate / validate_options take them."""
-        return {"speed": self.speed, "guidance_until": self.guidance_until, "prune_ratios": self.prune_ratios,
-                "int8_weights": self.int8_weights, "fp8_weights": self.fp8_weights, "cpu_bf16": self.cpu_bf16}
+        from hart_fast.speed import LEVERS
+
+        # diffusion_steps is a lever too, but a sampling setting of its own here.
+        return {"speed": self.speed, **{k: getattr(self, k) for k in LEVERS if k != "diffusion_steps"}}
 
     def resolved_levers(self, pipe) -> Dict[str, Any]:
         """The levers `pipe` runs these settings with (a preset's extras depend on the

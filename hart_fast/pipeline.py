@@ -21,7 +21,7 @@ from hart_fast.model.transformer import HartTransformer
 from hart_fast.options import parse_dtype, validate_inputs, validate_options
 from hart_fast.pruning import check_ratios
 from hart_fast.reference import ReferenceBackend
-from hart_fast.speed import check_levers_where, pipeline_traits, resolve_levers
+from hart_fast.speed import BOOL_LEVERS, check_levers_where, pipeline_traits, resolve_levers
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -71,11 +71,12 @@ class HartPipeline:
         state it does not need (other batch sizes' buffers and graphs; for a decode,
         keep_rows None, all of it).  The retry starts from scratch: seeded runs
         give the same result; a stateful token_sampler sees the stages again."""
-        engines = [e for e in (self._engine, *self._quantized_engines.values()) if e is not None]
         try:
             return fn()
         except (RuntimeError, torch.OutOfMemoryError) as e:
-            # Every engine's spare state (the float one's and the quantised levers').
+            # Every engine's spare state (the float one's and the quantised levers',
+            # listed now: fn may have built one on first use).
+            engines = [eng for eng in (self._engine, *self._quantized_engines.values()) if eng is not None]
             if not is_out_of_memory(e) or not any([eng.release(keep=keep_rows) for eng in engines]):
                 raise
         # The state of this batch size too: a graph capture cut short is not reused.
@@ -156,7 +157,7 @@ class HartPipeline:
         validate_options(guidance_scale, top_k, top_p, lv["diffusion_steps"], diffusion_temperature, seed,
                          schedule_fn=self.schedule, guidance_until=lv["guidance_until"],
                          prune_ratios=lv["prune_ratios"],
-                         **{k: lv[k] for k in ("int8_weights", "fp8_weights", "cpu_bf16")})
+                         **{k: lv[k] for k in BOOL_LEVERS})
         guided_stages(lv["guidance_until"], self.config.num_stages)
         if lv["prune_ratios"] is not None:
             check_ratios(lv["prune_ratios"], self.config.num_stages)
