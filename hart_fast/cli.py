@@ -372,7 +372,11 @@ def cmd_train(args) -> int:
         if args.train_command == "demo":
             from hart_fast.train import recipe
 
-            argv = ["--work", args.work, "--stage", args.stage] + (["--out", args.out] if args.out else [])
+            argv = ["--work", args.work, "--stage", args.stage, "--profile", args.profile]
+            argv += ["--out", args.out] if args.out else []
+            argv += ["--budget-min", str(args.budget_min)] if args.budget_min is not None else []
+            argv += ["--device", args.device] if args.device else []
+            argv += ["--quiet"] if args.quiet else []
             return recipe.main(argv)
         from hart_fast.options import parse_dtype
         from hart_fast.train.finetune import finetune
@@ -427,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--work", required=True, help="folder for checkpoints and loss logs (rerun to resume)")
     td.add_argument("--stage", choices=["tokenizer", "transformer", "export", "all"], default="all")
     td.add_argument("--out", default=None, help="model folder the export writes (default: WORK/model)")
+    td.add_argument("--profile", choices=["cpu", "gpu"], default="cpu",
+                    help="cpu: the embedded model's recipe; gpu: larger batches on CUDA within --budget-min")
+    td.add_argument("--budget-min", type=float, default=None, help="minutes of training (the gpu profile's budget)")
+    td.add_argument("--device", default=None, help="override the profile's device")
+    td.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     tf = tsub.add_parser("finetune", help="fine-tune the transformer of an official-layout folder")
     tf.add_argument("--init", required=True, help="the HART folder to start from (with encoder weights)")
     tf.add_argument("--data", required=True, help="images with captions: metadata.jsonl, or image.png + image.txt")

@@ -7,10 +7,11 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
 from hart_fast.eval.judge import ATTRIBUTES, accuracy, judge
-from hart_fast.train.scenes import (COLOR_NAMES, POSITIONS, SHAPES, SceneDataset, heldout_prompts, is_held_out,
-                                    render, scene_at, seen_prompts)
+from hart_fast.train.scenes import (COLOR_NAMES, POSITIONS, SHAPES, SceneDataset, dense_scene_at, heldout_prompts,
+                                    is_held_out, render, render_batch, scene_at, seen_prompts)
 
 
 def test_scenes_are_deterministic_and_captions_follow_the_templates():
@@ -26,6 +27,18 @@ def test_scenes_are_deterministic_and_captions_follow_the_templates():
             assert o.color in words and o.shape in words
         img = render(sc)
         assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_batched_torch_renderer_draws_what_render_draws(size):
+    """The GPU training stream's renderer: every pixel equal to the numpy renderer's,
+    over captioned, crowded (overlapping, up to six objects) and one-object scenes."""
+    scenes = [scene_at(2, i) for i in range(40)] + [dense_scene_at(3, i) for i in range(40)] + heldout_prompts(8)
+    got = render_batch(scenes, size)
+    assert got.dtype == torch.uint8 and tuple(got.shape) == (len(scenes), size, size, 3)
+    want = np.stack([render(sc, size) for sc in scenes])
+    assert np.array_equal(got.numpy(), want)
+    assert tuple(render_batch([], size).shape) == (0, size, size, 3)
 
 
 def test_held_out_triples_never_reach_training_but_every_pair_does():

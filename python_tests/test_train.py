@@ -373,3 +373,65 @@ def test_cli_train_finetune_writes_a_loadable_folder(tiny_dir, tmp_path):
     assert tok.has_encoder
     log = read_loss_log(str(tmp_path / ".out-run" / "transformer"))
     assert log[-1]["step"] == 1 and "ce" in log[-1] and "diff" in log[-1]
+
+
+# -- the demo recipe -------------------------------------------------------------
+
+
+def test_the_demo_recipe_end_to_end_with_a_time_budget(tmp_path):
+    """Every stage of the demo recipe at a few steps (its real architecture): the
+    budget is planned from probed step times and written to plan.json, a rerun reads
+    the plan and trains nothing more, and the export loads and draws."""
+    import dataclasses
+
+    from hart_fast.train import recipe
+
+    work = str(tmp_path / "work")
+    r = dataclasses.replace(recipe.PROFILES["cpu"], tok_batch=2, tr_scenes=12, tr_batch=4, budget_s=1e-3,
+                            min_planned_steps=2)
+    recipe.train_tokenizer_stage(work, r, progress=False)
+    recipe.train_transformer_stage(work, r, progress=False)
+    plan = recipe.read_plan(work)
+    assert sorted(plan) == ["tokenizer", "tokenizer_objects", "transformer"]
+    for name, entry in plan.items():
+        assert entry["steps"] == 2 and entry["seconds_per_step"] > 0, (name, entry)
+        assert read_loss_log(os.path.join(work, name))[-1]["step"] == 1
+    out = recipe.export_stage(work, r, str(tmp_path / "model"))
+    # A rerun finds every stage done: the plan is not probed again, nothing retrains.
+    before = {n: os.path.getmtime(os.path.join(work, n, "checkpoint.pt")) for n in plan}
+    recipe.train_tokenizer_stage(work, dataclasses.replace(r, budget_s=1e6), progress=False)
+    assert recipe.read_plan(work) == plan
+    assert {n: os.path.getmtime(os.path.join(work, n, "checkpoint.pt")) for n in plan} == before
+    import hart_fast
+
+    img = hart_fast.generate("a red circle on a blue background", model=out, output_type="pt")
+    assert img.shape == (3, 64, 64) and torch.isfinite(img).all()
+
+
+def test_the_recipe_refuses_a_gpu_profile_without_cuda(tmp_path, capsys):
+    from hart_fast.train import recipe
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so the gpu profile is allowed")
+    with pytest.raises(SystemExit):
+        recipe.main(["--work", str(tmp_path / "w"), "--profile", "gpu"])
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "w")
+    with pytest.raises(SystemExit):
+        recipe.main(["--work", str(tmp_path / "w"), "--budget-min", "0"])
+    assert "--budget-min must be positive" in capsys.readouterr().err
+
+
+def test_scene_images_sampled_ahead_in_a_thread_are_the_same_batches():
+    from hart_fast.train.recipe import SceneImages, refine_images_fn, scene_images_fn
+    from hart_fast.train.scenes import SceneDataset, dense_scene_at, render, to_tensor_pm1
+
+    plain = scene_images_fn(5, 3, 64)
+    want = to_tensor_pm1(SceneDataset(10**6, seed=5).batch(range(6, 9))[0])
+    assert torch.equal(plain(2), want)
+    fn = refine_images_fn(5, 4, 64)
+    ahead = SceneImages(fn.scenes_at, 64, "cpu", lookahead=2)
+    for step in (0, 1, 2, 7, 3):  # in order, then a jump, then back
+        assert torch.equal(ahead(step), fn(step)), step
+    dense = np.stack([render(dense_scene_at(5, 3 * 4 + i)) for i in range(2)])
+    assert torch.equal(fn(3)[2:], to_tensor_pm1(dense))

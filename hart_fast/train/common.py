@@ -55,6 +55,55 @@ def atomic_save(obj, path: str) -> None:
         raise
 
 
+def atomic_write_json(obj, path: str) -> None:
+    """json.dump to a temporary file in the same folder, then rename over `path`."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def seconds_per_step(modules: Dict[str, torch.nn.Module], step_fn: Callable[[int], Dict[str, torch.Tensor]],
+                     steps: int = 10, warmup: int = 3) -> float:
+    """Wall seconds of one training step (forward, backward, AdamW update) of step_fn,
+    timed over `steps` after `warmup` throwaway ones; the modules' weights and the
+    step_fn's state are put back afterwards, so a run that follows is unaffected."""
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    saved = {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in modules.items()}
+    saved_step = step_fn.state_dict() if hasattr(step_fn, "state_dict") else None
+    dev = params[0].device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    for m in modules.values():
+        m.train()
+    try:
+        for i in range(warmup + steps):
+            if i == warmup:
+                sync()
+                t0 = time.perf_counter()
+            loss = step_fn(i)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sync()
+        return (time.perf_counter() - t0) / steps
+    finally:
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for k, m in modules.items():
+                m.load_state_dict(saved[k])
+        if saved_step is not None:
+            step_fn.load_state_dict(saved_step)
+
+
 def autocast_context(device: str, dtype: Optional[torch.dtype]):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
@@ -119,8 +168,10 @@ def train_loop(*, run_dir: str, modules: Dict[str, torch.nn.Module], step_fn: Ca
         m.train()
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress, dynamic_ncols=True)
     t0 = time.time()
-    acc: Dict[str, float] = {}
-    n_acc = 0
+    # Losses add up where they are computed and reach the host only at log and
+    # checkpoint steps: a float() per step would make a GPU wait for every step.
+    acc: Dict[str, torch.Tensor] = {}
+    n_acc, window_start = 0, start
     for step in bar:
         torch.manual_seed(step_seed(seed, step, 1))
         for g in opt.param_groups:
@@ -133,23 +184,28 @@ def train_loop(*, run_dir: str, modules: Dict[str, torch.nn.Module], step_fn: Ca
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         scaler.step(opt)
         scaler.update()
-        vals = {k: float(v.detach()) for k, v in losses.items()}
-        if not math.isfinite(vals["loss"]):
-            raise FloatingPointError(f"{desc}: loss is {vals['loss']} at step {step}; lower the learning rate "
-                                     f"(the last checkpoint is step {(step // ckpt_every) * ckpt_every})")
-        for k, v in vals.items():
-            acc[k] = acc.get(k, 0.0) + v
+        for k, v in losses.items():
+            v = v.detach().float()
+            acc[k] = acc[k] + v if k in acc else v
         n_acc += 1
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            last = {k: v / n_acc for k, v in acc.items()}
-            acc, n_acc = {}, 0
+        log_now = (step + 1) % log_every == 0 or step + 1 == steps
+        save_now = (step + 1) % ckpt_every == 0 or step + 1 == steps
+        if log_now or save_now:
+            vals = {k: float(v) / n_acc for k, v in acc.items()}
+            if not math.isfinite(vals["loss"]):
+                raise FloatingPointError(
+                    f"{desc}: the loss is {vals['loss']} in steps {window_start}..{step}; lower the learning rate "
+                    f"(the last checkpoint is step {(window_start // ckpt_every) * ckpt_every})")
+        if log_now:
+            last = vals
+            acc, n_acc, window_start = {}, 0, step + 1
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": step, "lr": lr_at(step, steps, lr, warmup),
                                     "elapsed_s": round(time.time() - t0, 2), **last}) + "\n")
             bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()})
             if on_step is not None:
                 on_step(step, last)
-        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+        if save_now:
             save(step + 1)
     bar.close()
     for m in modules.values():
@@ -163,5 +219,5 @@ def read_loss_log(run_dir: str):
         return [json.loads(ln) for ln in f if ln.strip()]
 
 
-__all__ = ["step_seed", "lr_at", "atomic_save", "autocast_context", "train_loop", "read_loss_log",
+__all__ = ["step_seed", "lr_at", "atomic_save", "atomic_write_json", "seconds_per_step", "autocast_context", "train_loop", "read_loss_log",
            "CHECKPOINT", "LOSS_LOG"]

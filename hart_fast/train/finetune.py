@@ -116,9 +116,12 @@ def encode_dataset(tok, images_u8: np.ndarray, patch_nums, batch: int = 64, prog
 
 
 def train_transformer(tr, tok, data: Dict[str, torch.Tensor], captions: Sequence[str], encoder, run_dir: str, *,
-                      steps: int, batch: int, lr: float, seed: int, cond_drop: float = 0.1, warmup: int = 100,
+                      steps, batch: int, lr: float, seed: int, cond_drop: float = 0.1, warmup: int = 100,
                       device="cpu", autocast_dtype=None, progress: bool = True):
-    """Train tr (the AR transformer and its residual MLP) on encoded images with captions."""
+    """Train tr (the AR transformer and its residual MLP) on encoded images with captions.
+
+    steps: a count, or a function (modules, step_fn) -> count (the recipe plans it by
+    timing the step function)."""
     from hart_fast.train.common import train_loop
     from hart_fast.train.transformer import TransformerStep, encode_captions
 
@@ -129,6 +132,8 @@ def train_transformer(tr, tok, data: Dict[str, torch.Tensor], captions: Sequence
     tr.to(device)
     step = TransformerStep(tr, tok.quantize.embedding.weight.detach(), data, embeds, masks, batch, seed,
                            cond_drop=cond_drop, device=device, autocast_dtype=autocast_dtype)
+    if callable(steps):  # planned from this step function (the recipe's time budget)
+        steps = steps({"transformer": tr}, step)
     return train_loop(run_dir=run_dir, modules={"transformer": tr}, step_fn=step, steps=steps, lr=lr,
                       warmup=min(warmup, max(1, steps // 10)), seed=seed, desc="transformer", ckpt_every=100,
                       log_every=10, progress=progress, fp16=autocast_dtype == torch.float16)

@@ -18,6 +18,12 @@ after a kill and it carries on):
 
 Every batch and every random draw comes from (seed, step), so a rerun from scratch
 reproduces the same model up to floating-point reduction order.
+
+On a GPU (`--profile gpu`: larger batches, bfloat16 autocast, scenes rendered on
+the device) the steps of each stage come from a time budget (`--budget-min`):
+each stage first times a few throwaway steps, then takes its share of the
+budget. The steps chosen are written to WORK/plan.json; a resumed or repeated run
+reads them from there, so it trains the same number of steps.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ import dataclasses
 import json
 import os
 import time
-from typing import List, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from hart_fast.train.common import step_seed, train_loop
+from hart_fast.train.common import atomic_write_json, seconds_per_step, step_seed, train_loop
 
 DEMO_TOKENIZER = dict(
     vocab_size=512, z_channels=16, ch=64, ch_mult=[1, 1, 1, 1], v_patch_nums=[1, 2, 3, 4, 6, 8],
@@ -53,6 +60,7 @@ class Recipe:
     tok_steps: int = 2000
     tok_batch: int = 8
     tok_lr: float = 1e-3
+    tok_warmup: int = 50
     tok_refine_steps: int = 1000
     tok_refine_lr: float = 3e-4
     tok_object_weight: float = 4.0
@@ -60,35 +68,108 @@ class Recipe:
     tr_steps: int = 2000
     tr_batch: int = 32
     tr_lr: float = 1e-3
+    device: str = "cpu"
+    autocast: Optional[str] = None      # "bfloat16" / "float16": autocast dtype of the forward passes
+    # Seconds of training for all stages together; None: the step counts above.
+    budget_s: Optional[float] = None
+    min_planned_steps: int = 100
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        return {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.autocast]
 
 
-def scene_images_fn(seed: int, batch: int, size: int):
-    """images_fn(step) -> (batch, 3, size, size) in [-1, 1]: training scenes step*batch .. +batch."""
-    from hart_fast.train.scenes import SceneDataset, to_tensor_pm1
+# The budget's share of every stage (the encode between them is not counted).
+BUDGET_SHARES = {"tokenizer": 0.45, "tokenizer_objects": 0.2, "transformer": 0.35}
+
+PROFILES: Dict[str, Recipe] = {
+    # The recipe of the embedded model (BENCHMARKS.md): about 100 minutes on 2 CPU cores.
+    "cpu": Recipe(),
+    # A lent GPU's minutes. Batches 8x / 8x, learning rates up by about sqrt of that,
+    # 100k encoded scenes for the transformer (the CPU recipe's 6,000 are seen ~10
+    # times each in 2,000 steps; a GPU would see them hundreds of times).
+    "gpu": Recipe(device="cuda", autocast="bfloat16", tok_batch=64, tok_lr=2e-3, tok_warmup=200,
+                  tok_refine_lr=6e-4, tr_scenes=100_000, tr_batch=256, tr_lr=2e-3, budget_s=6 * 60.0),
+}
+
+
+class SceneImages:
+    """images_fn(step) -> (N, 3, size, size) float32 in [-1, 1] on `device`: the scenes
+    `scenes_at(step)` returns, drawn by the batched renderer on that device.
+
+    On a GPU the scenes of the next steps are sampled in a thread while the device
+    trains (sampling is Python, ~60 us a scene).
+    """
+
+    def __init__(self, scenes_at: Callable[[int], Sequence], size: int, device, lookahead: Optional[int] = None):
+        self.scenes_at, self.size, self.device = scenes_at, size, torch.device(device)
+        self.lookahead = (2 if self.device.type == "cuda" else 0) if lookahead is None else lookahead
+        self._pool = ThreadPoolExecutor(1) if self.lookahead else None
+        self._pending: Dict[int, object] = {}
+
+    def __call__(self, step: int) -> torch.Tensor:
+        from hart_fast.train.scenes import render_batch, to_tensor_pm1
+
+        fut = self._pending.pop(step, None)
+        scenes = fut.result() if fut is not None else self.scenes_at(step)
+        for s in range(step + 1, step + 1 + self.lookahead):
+            if s not in self._pending:
+                self._pending[s] = self._pool.submit(self.scenes_at, s)
+        return to_tensor_pm1(render_batch(scenes, self.size, self.device))
+
+
+def scene_images_fn(seed: int, batch: int, size: int, device="cpu") -> SceneImages:
+    """images_fn(step): training scenes step*batch .. +batch of the dataset seeded `seed`."""
+    from hart_fast.train.scenes import SceneDataset
 
     ds = SceneDataset(n=2**62, seed=seed, size=size, split="train")
-
-    def images(step: int) -> torch.Tensor:
-        imgs, _ = ds.batch(range(step * batch, (step + 1) * batch))
-        return to_tensor_pm1(imgs)
-
-    return images
+    return SceneImages(lambda step: [ds.scene(i) for i in range(step * batch, (step + 1) * batch)], size, device)
 
 
-def refine_images_fn(seed: int, batch: int, size: int):
+def refine_images_fn(seed: int, batch: int, size: int, device="cpu") -> SceneImages:
     """images_fn(step) for the tokenizer's second phase: half captioned scenes (the
     distribution it must keep), half crowded ones (more object pixels per batch)."""
-    import numpy as np
+    from hart_fast.train.scenes import SceneDataset, dense_scene_at
 
-    from hart_fast.train.scenes import dense_scene_at, render, to_tensor_pm1
+    plain_batch = batch - batch // 2
+    ds = SceneDataset(n=2**62, seed=seed, size=size, split="train")
 
-    plain = scene_images_fn(seed, batch - batch // 2, size)
+    def scenes(step: int):
+        plain = [ds.scene(i) for i in range(step * plain_batch, (step + 1) * plain_batch)]
+        return plain + [dense_scene_at(seed, step * batch + i) for i in range(batch // 2)]
 
-    def images(step: int) -> torch.Tensor:
-        dense = np.stack([render(dense_scene_at(seed, step * batch + i), size) for i in range(batch // 2)])
-        return torch.cat([plain(step), to_tensor_pm1(dense)])
+    return SceneImages(scenes, size, device)
 
-    return images
+
+def read_plan(work: str) -> dict:
+    path = os.path.join(work, "plan.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def stage_steps(work: str, r: Recipe, name: str, fixed_steps: int, probe: Callable[[], float]) -> int:
+    """The steps of stage `name`: from WORK/plan.json if it holds them, else the
+    recipe's fixed count or (with a budget) its share of the budget at the probed
+    seconds per step; recorded in the plan either way."""
+    plan = read_plan(work)
+    if name in plan:
+        return int(plan[name]["steps"])
+    sps = None
+    steps = fixed_steps
+    if r.budget_s is not None:
+        sps = probe()
+        steps = max(r.min_planned_steps, int(BUDGET_SHARES[name] * r.budget_s / sps))
+        print(f"{name}: {sps * 1e3:.1f} ms a step -> {steps} steps in its {BUDGET_SHARES[name]:.0%} of "
+              f"{r.budget_s:.0f} s", flush=True)
+    plan[name] = {"steps": steps, "seconds_per_step": sps, "device": r.device}
+    atomic_write_json(plan, os.path.join(work, "plan.json"))
+    return steps
+
+
+def planned_steps(work: str, name: str, default: int) -> int:
+    return int(read_plan(work).get(name, {}).get("steps", default))
 
 
 def build_tokenizer(cfg_dict: dict, seed: int):
@@ -103,19 +184,24 @@ def build_tokenizer(cfg_dict: dict, seed: int):
 def train_tokenizer_stage(work: str, r: Recipe, progress: bool = True):
     from hart_fast.train.tokenizer import TokenizerStep
 
-    tok = build_tokenizer(DEMO_TOKENIZER, step_seed(r.seed, 0, 10))
-    step = TokenizerStep(tok, scene_images_fn(step_seed(r.seed, 0, 11) % 2**31, r.tok_batch, r.image_size),
-                         DEMO_TOKENIZER["v_patch_nums"])
+    tok = build_tokenizer(DEMO_TOKENIZER, step_seed(r.seed, 0, 10)).to(r.device)
+    step = TokenizerStep(tok, scene_images_fn(step_seed(r.seed, 0, 11) % 2**31, r.tok_batch, r.image_size, r.device),
+                         DEMO_TOKENIZER["v_patch_nums"], autocast_dtype=r.autocast_dtype)
+    modules = {"tokenizer": tok}
+    steps = stage_steps(work, r, "tokenizer", r.tok_steps, lambda: seconds_per_step(modules, step))
     run_dir = os.path.join(work, "tokenizer")
-    train_loop(run_dir=run_dir, modules={"tokenizer": tok}, step_fn=step, steps=r.tok_steps, lr=r.tok_lr,
-               warmup=50, seed=r.seed, desc="tokenizer", ckpt_every=100, log_every=10, progress=progress)
+    train_loop(run_dir=run_dir, modules=modules, step_fn=step, steps=steps, lr=r.tok_lr,
+               warmup=r.tok_warmup, seed=r.seed, desc="tokenizer", ckpt_every=100, log_every=10, progress=progress)
     if r.tok_refine_steps:
         # Phase 2 starts from phase 1's weights, with a fresh optimizer and usage counts.
         refine_dir = os.path.join(work, "tokenizer_objects")
-        step = TokenizerStep(tok, refine_images_fn(step_seed(r.seed, 0, 13) % 2**31, r.tok_batch, r.image_size),
-                             DEMO_TOKENIZER["v_patch_nums"], object_weight=r.tok_object_weight)
+        step = TokenizerStep(tok, refine_images_fn(step_seed(r.seed, 0, 13) % 2**31, r.tok_batch, r.image_size,
+                                                   r.device),
+                             DEMO_TOKENIZER["v_patch_nums"], object_weight=r.tok_object_weight,
+                             autocast_dtype=r.autocast_dtype)
         step.initialised = True
-        train_loop(run_dir=refine_dir, modules={"tokenizer": tok}, step_fn=step, steps=r.tok_refine_steps,
+        steps = stage_steps(work, r, "tokenizer_objects", r.tok_refine_steps, lambda: seconds_per_step(modules, step))
+        train_loop(run_dir=refine_dir, modules=modules, step_fn=step, steps=steps,
                    lr=r.tok_refine_lr, warmup=20, seed=step_seed(r.seed, 0, 14), desc="tokenizer-objects",
                    ckpt_every=100, log_every=10, progress=progress)
     return tok
@@ -165,6 +251,7 @@ def text_encoder_stage(work: str, r: Recipe) -> str:
 def load_tokenizer_stage(work: str, r: Recipe):
     tok = build_tokenizer(DEMO_TOKENIZER, 0)
     phase, steps = ("tokenizer_objects", r.tok_refine_steps) if r.tok_refine_steps else ("tokenizer", r.tok_steps)
+    steps = planned_steps(work, phase, steps)
     path = os.path.join(work, phase, "checkpoint.pt")
     if not os.path.exists(path):
         raise RuntimeError(f"the tokenizer stage in {work} has not finished ({path} is missing); run it first")
@@ -176,23 +263,41 @@ def load_tokenizer_stage(work: str, r: Recipe):
     return tok.eval()
 
 
-def encode_stage(work: str, r: Recipe, tok):
+@torch.no_grad()
+def encode_scenes(tok, scenes: Sequence, patch_nums: Sequence[int], size: int, device="cpu",
+                  progress: bool = True) -> Dict[str, torch.Tensor]:
+    """What the transformer trains on (codes, teacher-forcing inputs, last-scale rests)
+    of every scene, rendered and encoded on `device` in chunks; CPU tensors."""
+    from tqdm.auto import tqdm
+
+    from hart_fast.train.scenes import render_batch, to_tensor_pm1
+    from hart_fast.train.transformer import encode_images
+
+    chunk = 1024 if torch.device(device).type == "cuda" else 64
+    parts: Dict[str, List[torch.Tensor]] = {}
+    for i in tqdm(range(0, len(scenes), chunk), desc="encode", disable=not progress):
+        x = to_tensor_pm1(render_batch(scenes[i:i + chunk], size, device))
+        for k, v in encode_images(tok, x, patch_nums).items():
+            parts.setdefault(k, []).append(v.cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def encode_stage(work: str, r: Recipe, tok, progress: bool = True):
     """Codes of the transformer's training scenes, encoded once (cached in encoded.pt)."""
     from hart_fast.train.common import atomic_save
-    from hart_fast.train.finetune import encode_dataset
     from hart_fast.train.scenes import SceneDataset
 
     path = os.path.join(work, "encoded.pt")
     # Which tokenizer made the codes: a retrained tokenizer must not reuse old ones.
-    stamp = float(tok.quantize.embedding.weight.double().sum())
+    stamp = float(tok.quantize.embedding.weight.detach().double().sum())
     if os.path.exists(path):
         cached = torch.load(path, weights_only=False)
-        if cached.get("codebook_sum") == stamp:
+        if cached.get("codebook_sum") == stamp and len(cached["captions"]) == r.tr_scenes:
             return cached
     ds = SceneDataset(r.tr_scenes, seed=step_seed(r.seed, 0, 12) % 2**31, size=r.image_size)
-    images, captions = ds.batch(range(len(ds)))
-    data = encode_dataset(tok, images, DEMO_TRANSFORMER["patch_nums"])
-    out = {"data": data, "captions": captions, "codebook_sum": stamp}
+    scenes = [ds.scene(i) for i in range(len(ds))]
+    data = encode_scenes(tok.to(r.device), scenes, DEMO_TRANSFORMER["patch_nums"], r.image_size, r.device, progress)
+    out = {"data": data, "captions": [sc.caption for sc in scenes], "codebook_sum": stamp}
     atomic_save(out, path)
     return out
 
@@ -211,8 +316,8 @@ def train_transformer_stage(work: str, r: Recipe, progress: bool = True):
     from hart_fast.text_encoder import as_text_encoder
     from hart_fast.train.finetune import train_transformer
 
-    tok = load_tokenizer_stage(work, r)
-    enc = encode_stage(work, r, tok)
+    tok = load_tokenizer_stage(work, r).to(r.device)
+    enc = encode_stage(work, r, tok, progress)
     te = as_text_encoder(text_encoder_stage(work, r), max_length=DEMO_TRANSFORMER["context_token"])
     tr = build_transformer(tok)
     run_dir = os.path.join(work, "transformer")
@@ -230,8 +335,10 @@ def train_transformer_stage(work: str, r: Recipe, progress: bool = True):
     with open(stamp_path, "w") as f:
         json.dump(stamp, f)
     train_transformer(tr, tok, enc["data"], enc["captions"], te, run_dir,
-                      steps=r.tr_steps, batch=r.tr_batch, lr=r.tr_lr, seed=r.seed,
-                      cond_drop=DEMO_TRANSFORMER["cond_drop_rate"], progress=progress)
+                      steps=lambda modules, step: stage_steps(work, r, "transformer", r.tr_steps,
+                                                              lambda: seconds_per_step(modules, step)),
+                      batch=r.tr_batch, lr=r.tr_lr, seed=r.seed, cond_drop=DEMO_TRANSFORMER["cond_drop_rate"],
+                      device=r.device, autocast_dtype=r.autocast_dtype, progress=progress)
     return tr, tok
 
 
@@ -261,8 +368,9 @@ def export_stage(work: str, r: Recipe, out_dir: str) -> str:
     tok = load_tokenizer_stage(work, r)
     tr = build_transformer(tok)
     ck = torch.load(os.path.join(work, "transformer", "checkpoint.pt"), map_location="cpu", weights_only=False)
-    if ck["step"] < r.tr_steps:
-        raise RuntimeError(f"the transformer stage in {work} is at step {ck['step']} of {r.tr_steps}; run it first")
+    tr_steps = planned_steps(work, "transformer", r.tr_steps)
+    if ck["step"] < tr_steps:
+        raise RuntimeError(f"the transformer stage in {work} is at step {ck['step']} of {tr_steps}; run it first")
     tr.load_state_dict(ck["modules"]["transformer"])
     cfg = TransformerConfig.from_dict(dict(DEMO_TRANSFORMER))
     readme = DEMO_README.format(V=tok.V, Cvae=tok.Cvae, pn=list(cfg.patch_nums), depth=cfg.depth, C=cfg.embed_dim,
@@ -277,16 +385,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--stage", choices=["tokenizer", "transformer", "export", "all"], default="all")
     ap.add_argument("--out", default=None, help="where the export stage writes the model folder "
                                                 "(default: WORK/model)")
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
+                    help="cpu: the embedded model's recipe; gpu: larger batches on CUDA within --budget-min")
+    ap.add_argument("--budget-min", type=float, default=None,
+                    help="minutes of training for all stages (default: the profile's; the cpu profile "
+                         "trains fixed step counts)")
+    ap.add_argument("--device", default=None, help="override the profile's device")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    r = Recipe()
+    r = PROFILES[args.profile]
+    if args.budget_min is not None:
+        if not args.budget_min > 0:
+            ap.error(f"--budget-min must be positive, got {args.budget_min}")
+        r = dataclasses.replace(r, budget_s=60.0 * args.budget_min)
+    if args.device:
+        r = dataclasses.replace(r, device=args.device)
+    if torch.device(r.device).type == "cuda":
+        if not torch.cuda.is_available():
+            ap.error(f"--profile {args.profile} trains on {r.device}, but this machine has no CUDA device; "
+                     f"use --profile cpu (or --device cpu)")
+        torch.backends.cudnn.benchmark = True  # fixed shapes all run long
+    progress = not args.quiet
     t0 = time.time()
     if args.stage in ("tokenizer", "all"):
-        train_tokenizer_stage(args.work, r)
+        train_tokenizer_stage(args.work, r, progress)
     if args.stage in ("transformer", "all"):
-        train_transformer_stage(args.work, r)
+        train_transformer_stage(args.work, r, progress)
     if args.stage in ("export", "all"):
         print(export_stage(args.work, r, args.out or os.path.join(args.work, "model")))
     print(f"done in {time.time() - t0:.0f} s")

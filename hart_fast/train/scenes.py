@@ -242,11 +242,76 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def to_tensor_pm1(images_NHW3: np.ndarray):
-    """uint8 (N, H, W, 3) -> float32 torch (N, 3, H, W) in [-1, 1]."""
+def _shape_mask_torch(shape: str, cx, cy, r, x, y, star_polys=None):
+    """shape_mask for R objects at once: cx, cy, r (R, 1, 1) float64, x (1, n), y (n, 1)
+    -> (R, n, n) bool. The same formulas in the same order as shape_mask."""
+    if shape == "circle":
+        dx, dy = x - cx, y - cy
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        h = 0.9 * r
+        return ((x - cx).abs() <= h) & ((y - cy).abs() <= h)
+    if shape == "triangle":
+        return (y <= cy + r) & ((x - cx).abs() <= (y - (cy - r)) / 2)
+    if shape == "star":
+        # Even-odd rule over the 10 edges; an edge with y1 == y2 never crosses,
+        # so (as in _inside_polygon) it adds nothing whatever x_at is.
+        inside = None
+        n_v = star_polys.shape[1]
+        for i in range(n_v):
+            x1, y1 = star_polys[:, i, 0, None, None], star_polys[:, i, 1, None, None]
+            x2, y2 = star_polys[:, (i + 1) % n_v, 0, None, None], star_polys[:, (i + 1) % n_v, 1, None, None]
+            crosses = (y1 > y) != (y2 > y)
+            x_at = x1 + (y - y1) * (x2 - x1) / (y2 - y1)
+            hit = crosses & (x < x_at)
+            inside = hit if inside is None else inside ^ hit
+        return inside
+    raise ValueError(f"unknown shape {shape!r} (known: {', '.join(SHAPES)})")
+
+
+def render_batch(scenes: Sequence[Scene], size: int = 64, device="cpu"):
+    """`render` of many scenes at once in torch, on any device: uint8 (N, size, size, 3).
+
+    Pixel for pixel what `render` draws (float64 coverage tests, float32
+    box filter of integer colours, round half to even), so a training stream can
+    render on the GPU that trains on it.
+    """
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(images_NHW3)).float().div_(127.5).sub_(1)
+    dev = torch.device(device)
+    s, n, scale = SUPERSAMPLE, size * SUPERSAMPLE, size / 64.0
+    coords = (torch.arange(n, dtype=torch.float64, device=dev) + 0.5) / s
+    x, y = coords.view(1, n), coords.view(n, 1)
+    palette = torch.tensor([COLORS[c] for c in COLOR_NAMES], dtype=torch.float32, device=dev)
+    N = len(scenes)
+    bg = torch.tensor([COLOR_NAMES.index(sc.background) for sc in scenes], dtype=torch.long, device=dev)
+    img = palette[bg].view(N, 1, 1, 3).expand(N, n, n, 3).clone()
+    for k in range(max((len(sc.objects) for sc in scenes), default=0)):
+        for shape in SHAPES:  # one vectorised mask per (object slot, shape)
+            rows = [i for i, sc in enumerate(scenes) if len(sc.objects) > k and sc.objects[k].shape == shape]
+            if not rows:
+                continue
+            geo = [tuple(v * scale for v in scenes[i].geometry[k]) for i in rows]
+            g = torch.tensor(geo, dtype=torch.float64, device=dev).view(len(rows), 3, 1, 1)
+            polys = None
+            if shape == "star":
+                polys = torch.from_numpy(np.stack([_star_polygon(*v) for v in geo])).to(dev)
+            m = _shape_mask_torch(shape, g[:, 0], g[:, 1], g[:, 2], x, y, polys)
+            col = palette[torch.tensor([COLOR_NAMES.index(scenes[i].objects[k].color) for i in rows], device=dev)]
+            idx = torch.tensor(rows, dtype=torch.long, device=dev)
+            img[idx] = torch.where(m[..., None], col.view(-1, 1, 1, 3), img[idx])
+    img = img.view(N, size, s, size, s, 3).mean(dim=(2, 4))
+    return img.round().clamp_(0, 255).to(torch.uint8)
+
+
+def to_tensor_pm1(images_NHW3):
+    """uint8 (N, H, W, 3) numpy array or tensor -> float32 torch (N, 3, H, W) in [-1, 1],
+    on the tensor's device."""
+    import torch
+
+    if not isinstance(images_NHW3, torch.Tensor):
+        images_NHW3 = torch.from_numpy(np.ascontiguousarray(images_NHW3))
+    x = images_NHW3.float().div_(127.5).sub_(1)
     return x.permute(0, 3, 1, 2).contiguous()
 
 
@@ -307,5 +372,5 @@ def seen_prompts(n: int, seed: int = 4321) -> List[Scene]:
 
 __all__ = ["COLORS", "COLOR_NAMES", "SHAPES", "SIZES", "POSITIONS", "POSITION_PHRASES", "CELL_TO_POSITION",
            "SceneObject", "Scene", "caption_words", "is_held_out", "sample_scene", "scene_at", "dense_scene",
-           "dense_scene_at", "render", "shape_mask",
+           "dense_scene_at", "render", "render_batch", "shape_mask",
            "to_tensor_pm1", "SceneDataset", "heldout_prompts", "seen_prompts", "caption_for"]

@@ -23,13 +23,14 @@ current batch's latents (dead-code restart), so a short run uses its codebook.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from hart_fast.model.tokenizer import HartTokenizer
+from hart_fast.train.common import autocast_context
 
 
 def quantize_for_training(tok: HartTokenizer, f_BChw: torch.Tensor, patch_nums: Sequence[int], beta: float
@@ -104,20 +105,22 @@ class TokenizerStep:
     """step_fn for train_loop: one batch of images -> the tokenizer's losses."""
 
     def __init__(self, tok: HartTokenizer, images_fn, patch_nums, beta: float = 0.25, restart_every: int = 50,
-                 object_weight: float = 0.0):
+                 object_weight: float = 0.0, autocast_dtype: Optional[torch.dtype] = None):
         self.tok, self.images_fn = tok, images_fn
         self.object_weight = float(object_weight)
         self.patch_nums = list(patch_nums)
         self.beta = beta
         self.restart_every = restart_every
-        self.usage = torch.zeros(tok.V)
+        self.autocast_dtype = autocast_dtype
+        # Code usage counts live on the tokenizer's device: no host sync per step.
+        self.usage = torch.zeros(tok.V, device=tok.quantize.embedding.weight.device)
         self.initialised = False
 
     def state_dict(self):
-        return {"usage": self.usage.clone(), "initialised": self.initialised}
+        return {"usage": self.usage.cpu().clone(), "initialised": self.initialised}
 
     def load_state_dict(self, sd):
-        self.usage = sd["usage"].clone()
+        self.usage = sd["usage"].clone().to(self.usage.device)
         self.initialised = bool(sd["initialised"])
 
     @torch.no_grad()
@@ -133,8 +136,10 @@ class TokenizerStep:
 
     def __call__(self, step: int) -> Dict[str, torch.Tensor]:
         tok = self.tok
-        x = self.images_fn(step)
-        f = tok.img_to_latent(x)
+        dev = tok.quantize.embedding.weight.device
+        x = self.images_fn(step).to(dev)
+        with autocast_context(dev.type, self.autocast_dtype):
+            f = tok.img_to_latent(x).float()
         if not self.initialised:
             # First step: the codebook starts as latents of this batch (k-means++-free init).
             with torch.no_grad():
@@ -145,16 +150,17 @@ class TokenizerStep:
         f_hat_st, vq, idx_list, rests = quantize_for_training(tok, f, self.patch_nums, self.beta)
         with torch.no_grad():
             for idx in idx_list:
-                self.usage += torch.bincount(idx.reshape(-1), minlength=tok.V).float().cpu()
+                self.usage += torch.bincount(idx.reshape(-1), minlength=tok.V).float()
         if (step + 1) % self.restart_every == 0:
-            self._seed_codes([r.detach() for r in rests], (self.usage == 0).to(f.device))
+            self._seed_codes([r.detach() for r in rests], self.usage == 0)
             self.usage.zero_()
         B = x.shape[0]
         # HART's hybrid training: codes-only latents for one half, continuous for the
         # other (a batch of one flips a coin per step, as the official recipe does per batch).
         half = B // 2 if B > 1 else int(torch.rand(()) < 0.5)
         z = torch.cat([f_hat_st[:half], f[half:]])
-        rec = tok.decoder(tok.post_quant_conv(z))
+        with autocast_context(dev.type, self.autocast_dtype):
+            rec = tok.decoder(tok.post_quant_conv(z)).float()
         mse = F.mse_loss(rec, x)
         l1 = F.l1_loss(rec, x)
         if self.object_weight:
@@ -165,8 +171,8 @@ class TokenizerStep:
             rec_loss = mse + l1
         loss = rec_loss + vq
         with torch.no_grad():
-            used = sum(int(torch.unique(i).numel()) for i in idx_list[-2:])
-        return {"loss": loss, "mse": mse, "l1": l1, "vq": vq, "codes_used": torch.tensor(float(used))}
+            used = sum((torch.bincount(i.reshape(-1), minlength=tok.V) > 0).sum() for i in idx_list[-2:])
+        return {"loss": loss, "mse": mse, "l1": l1, "vq": vq, "codes_used": used.float()}
 
 
 __all__ = ["quantize_for_training", "object_mask", "reconstruct", "TokenizerStep", "psnr_uint8", "to_uint8"]
