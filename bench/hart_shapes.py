@@ -32,6 +32,41 @@ SMALL_LLM = {**REAL_LLM, "context_token": 32, "context_dim": 64, "depth": 2, "em
 SMALL_TOK = {**REAL_TOK, "vocab_size": 256, "z_channels": 8, "ch": 32, "ch_mult": [1, 2],
              "v_patch_nums": [1, 2, 3, 4, 6, 8, 12, 16]}
 
+# Qwen2-VL-1.5B-Instruct's language model, HART's text encoder (issue 13: 28
+# layers, hidden 1536, 12 heads / 2 KV heads, intermediate 8960).
+QWEN2_1_5B = dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                  intermediate_size=8960, vocab_size=151_936)
+SMALL_QWEN = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, vocab_size=2048)
+
+
+def random_text_encoder(shape: dict, device, dtype, max_length: int, **options):
+    """A QwenTextEncoder of `shape` with random weights and a word-level tokenizer:
+    every word of the system prompt is one token (Qwen2's own tokenizer makes about
+    that many of it), so the encoder runs the official sequence lengths."""
+    import re
+
+    from transformers import Qwen2Config, Qwen2Model
+
+    from hart_fast.demo import word_tokenizer
+    from hart_fast.text_encoder import LLM_SYSTEM_PROMPT, QwenTextEncoder
+
+    words = sorted(set(re.findall(r"[A-Za-z]+", LLM_SYSTEM_PROMPT)))
+    tok = word_tokenizer(words)
+    cfg = Qwen2Config(**shape, max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2Model(cfg).to(dtype)  # random init; the speed does not depend on the values
+    return QwenTextEncoder(model, tok, max_length=max_length, **options)
+
+
+def long_prompts(B: int, words: int = 400) -> List[str]:
+    """B prompts longer than 300 tokens (truncated to the context, as a long user prompt is)."""
+    from hart_fast.text_encoder import LLM_SYSTEM_PROMPT
+
+    vocab = LLM_SYSTEM_PROMPT.split()
+    return [" ".join(vocab[(b + i) % len(vocab)] for i in range(words)) for b in range(B)]
+
 
 # The most recently built (transformer, tokenizer), keyed by configuration:
 # building and randomising the 0.7B model takes ~10 s on the CPU, which a GPU

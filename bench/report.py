@@ -138,6 +138,45 @@ def section_end_to_end(dev, dtype, batches, repeats):
     return rows
 
 
+def section_end_to_end_text(dev, dtype, batches, repeats):
+    """Whole images as users make them (issue 13): hart_fast.generate from prompt
+    strings, the Qwen2-1.5B-shaped text encoder (random weights, fp16 on the GPU) on
+    a 300-token prompt behind the official system prompt, the fast path, the decode.
+    Encoder variants: the concatenated pass, the system prompt's key/value cache
+    computed once, and that with the encoder offloaded to the CPU between calls."""
+    import warnings
+
+    import hart_fast
+    from hart_shapes import QWEN2_1_5B, SMALL_QWEN, long_prompts, random_text_encoder
+
+    shape = SMALL_QWEN if TOK is SMALL_TOK else QWEN2_1_5B
+    pipe = random_pipeline(LLM, TOK, dev, dtype, fast=True)
+    variants = [("concatenated", {"cache_system_prompt": False}), ("cached_prefix", {}),
+                ("cached_prefix+offload", {"offload": True})]
+    rows = []
+    for name, opts in variants:
+        te = random_text_encoder(shape, dev, dtype, pipe.config.context_token, **opts)
+        for B in batches:
+            prompts = long_prompts(B)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # every prompt is truncated to 300 tokens, on purpose
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                text_ms = median_ms(lambda: te(prompts), dev, repeats)
+                ms = median_ms(lambda: hart_fast.generate(prompts, model=pipe, text_encoder=te, batch_size=B,
+                                                          output_type="pt"), dev, repeats)
+            row = {"section": "e2e_text", "encoder": name, "batch": B, "text_ms": text_ms, "ms": ms,
+                   "ms_per_image": ms / B}
+            if te._prefix is not None:
+                row["system_tokens"] = te._prefix[1]
+            if dev == "cuda":
+                row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+            rows.append(row)
+        te = None
+        _free()
+    return rows
+
+
 def section_attention(dev, dtype, repeats):
     from hart_fast import ops
 
@@ -285,7 +324,7 @@ def section_vq_glue(dev, dtype, repeats):
 # Sections in priority order: the issues' targets first (AR, with its per-stage
 # split and a kernel profile of each piece, diffusion, VAE, VQ glue), then end
 # to end, then the kernel-level comparisons.
-SECTION_ORDER = "ar,stages,profile,diffusion,vae,vq,e2e,speed,norm,attention"
+SECTION_ORDER = "ar,stages,profile,diffusion,vae,vq,e2e,e2e_text,speed,norm,attention"
 
 
 def section_speed(dev, dtype, repeats):
@@ -345,6 +384,7 @@ def main(argv=None):
         "vae": lambda: section_vae(dev, dtype, batches, repeats),
         "vq": lambda: section_vq_glue(dev, dtype, repeats),
         "e2e": lambda: section_end_to_end(dev, dtype, batches, repeats),
+        "e2e_text": lambda: section_end_to_end_text(dev, dtype, batches, repeats),
         "speed": lambda: section_speed(dev, dtype, repeats),
     }
     report = {"card": card, "torch": torch.__version__, "dtype": dt_name, "repeats": repeats, "small": args.small,

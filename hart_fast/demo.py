@@ -164,6 +164,20 @@ def _word_bpe(words: Sequence[str]):
     return vocab, merges
 
 
+def word_tokenizer(words: Optional[Sequence[str]] = None):
+    """A byte-level Qwen2 tokenizer (<|endoftext|> as pad) whose BPE merges make each
+    of `words` a single token (bytes only without them)."""
+    from transformers import Qwen2Tokenizer
+
+    if words:
+        vocab, merges = _word_bpe(words)
+    else:
+        vocab, merges = {c: i for i, c in enumerate(_bytes_to_unicode().values())}, []
+    vocab["<|endoftext|>"] = len(vocab)
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>", eos_token="<|endoftext|>",
+                          unk_token=None)
+
+
 def write_text_encoder(path: str, hidden_size: int, seed: int = 0, num_layers: int = 2,
                        words: Optional[Sequence[str]] = None) -> str:
     """A tiny Qwen2 LLM with a byte-level Qwen2 tokenizer (<|endoftext|> as pad).
@@ -172,17 +186,12 @@ def write_text_encoder(path: str, hidden_size: int, seed: int = 0, num_layers: i
     that make each of those words a single token (a short context then holds a
     whole caption).
     """
-    from transformers import Qwen2Config, Qwen2Model, Qwen2Tokenizer
+    from transformers import Qwen2Config, Qwen2Model
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if words:
-        vocab, merges = _word_bpe(words)
-    else:
-        vocab, merges = {c: i for i, c in enumerate(_bytes_to_unicode().values())}, []
-    vocab["<|endoftext|>"] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>", eos_token="<|endoftext|>",
-                         unk_token=None)
+    tok = word_tokenizer(words)
+    vocab = tok.get_vocab()
     heads = max(1, hidden_size // 16)
     cfg = Qwen2Config(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                       num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=heads,

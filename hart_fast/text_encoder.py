@@ -11,12 +11,22 @@ optional system prompt follow the official `encode_prompts`:
   the prompt positions of the last hidden state are kept;
 - the hidden states are returned in float32.
 
+The system prompt is the same for every prompt and, the pass being causal, its
+keys and values do not depend on what follows it: they are computed once per
+encoder (device, dtype) and every call runs only the prompt tokens on top of
+that cache (`cache_system_prompt`, on by default; the same arithmetic as the
+official concatenated pass, tested against it). `offload=True` keeps the LLM's
+weights on the CPU between calls and moves them to the compute device for each
+one, so the AR loop and the decode run without them (for small GPUs).
+
 Any callable `prompts -> embeds` or `prompts -> (embeds, mask)` may stand in for
 the Qwen2 encoder; see `as_text_encoder`.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import os
 import warnings
 from typing import Callable, Optional, Sequence, Tuple, Union
@@ -60,19 +70,35 @@ class QwenTextEncoder:
     """A Qwen2 LLM used as HART's text encoder, loaded from a local folder only."""
 
     def __init__(self, model, tokenizer, max_length: int = 300, use_system_prompt: bool = True,
-                 system_prompt: str = LLM_SYSTEM_PROMPT, name: str = "qwen2"):
+                 system_prompt: str = LLM_SYSTEM_PROMPT, name: str = "qwen2", cache_system_prompt: bool = True,
+                 offload: bool = False):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self.use_system_prompt = use_system_prompt
         self.system_prompt = system_prompt
         self.name = name
+        self.cache_system_prompt = bool(cache_system_prompt)
+        self._prefix = None  # ((device, dtype), system-prompt length, its key/value cache)
+        # Transformers 5 renamed the forward's past_key_values argument (and output) to cache.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.offload = bool(offload)
+        self.compute_device = next(model.parameters()).device
+        if self.offload:
+            # One host copy of every weight, pinned when there is a GPU to copy to: a call
+            # copies them in, and afterwards the module points back at the host copies
+            # (nothing to copy out; the weights never change).
+            pin = torch.cuda.is_available()
+            self._host = [t.detach().cpu().pin_memory() if pin else t.detach().cpu() for t in self._tensors()]
+            self._weights_to(torch.device("cpu"))
         if tokenizer.pad_token_id is None:
             raise ValueError(f"text encoder tokenizer at {name!r} has no pad token; HART masks padding by pad id")
 
     @classmethod
     def from_pretrained(cls, path: str, device="cpu", dtype=torch.float32, max_length: int = 300,
-                        use_system_prompt: bool = True) -> "QwenTextEncoder":
+                        use_system_prompt: bool = True, cache_system_prompt: bool = True,
+                        offload: bool = False) -> "QwenTextEncoder":
         _require_transformers()
         path = os.fspath(path)
         if not os.path.isdir(path):
@@ -93,7 +119,8 @@ class QwenTextEncoder:
         # Qwen2-VL folders hold the language model inside a VL wrapper; HART uses the LLM.
         if hasattr(model, "language_model") and not hasattr(model, "embed_tokens"):
             model = model.language_model
-        return cls(model.to(device), tokenizer, max_length, use_system_prompt, name=path)
+        return cls(model.to(device), tokenizer, max_length, use_system_prompt, name=path,
+                   cache_system_prompt=cache_system_prompt, offload=offload)
 
     @property
     def hidden_size(self) -> int:
@@ -101,7 +128,18 @@ class QwenTextEncoder:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the encoder computes (with offload, where its weights go for a call)."""
+        return self.compute_device
+
+    def _system_cache(self, dev: torch.device):
+        """(length, key/value cache at batch 1) of the system prompt, made once per device and dtype."""
+        key = (str(dev), next(self.model.parameters()).dtype)
+        if self._prefix is None or self._prefix[0] != key:
+            sys_ids = self._tokenize([self.system_prompt], "longest").to(dev)
+            out = self.model(sys_ids, use_cache=True)
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            self._prefix = (key, sys_ids.shape[1], cache)
+        return self._prefix[1], self._prefix[2]
 
     def _tokenize(self, texts: Sequence[str], pad: str) -> torch.Tensor:
         rows = [
@@ -131,11 +169,37 @@ class QwenTextEncoder:
     @torch.inference_mode()
     def __call__(self, prompts: Sequence[str]) -> Encoded:
         self.warn_truncation(prompts)
-        dev = self.device
+        if not self.offload:
+            return self._encode(prompts)
+        self._weights_to(self.compute_device)
+        try:
+            return self._encode(prompts)
+        finally:
+            self._weights_to(torch.device("cpu"))
+            if self.compute_device.type == "cuda":
+                torch.cuda.empty_cache()  # give the weights' blocks back for the AR loop and the decode
+
+    def _tensors(self):
+        return list(self.model.parameters()) + list(self.model.buffers())
+
+    def _weights_to(self, dev: torch.device) -> None:
+        for t, host in zip(self._tensors(), self._host):
+            t.data = host if dev.type == "cpu" else host.to(dev, non_blocking=True)
+
+    def _encode(self, prompts: Sequence[str]) -> Encoded:
+        dev = self.compute_device
         ids = self._tokenize(prompts, "max_length").to(dev)               # (B, T)
         mask = ids != self.tokenizer.pad_token_id
         if not self.use_system_prompt:
             hidden = self.model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        elif self.cache_system_prompt:
+            n_sys, prefix = self._system_cache(dev)
+            cache = copy.deepcopy(prefix)  # the call extends its cache; the prefix stays
+            cache.batch_repeat_interleave(ids.shape[0])
+            sys_mask = torch.ones(ids.shape[0], n_sys, dtype=torch.bool, device=dev)
+            out = self.model(ids, attention_mask=torch.cat([sys_mask, mask], 1), use_cache=True,
+                             output_hidden_states=True, **{self._cache_arg: cache})
+            hidden = out.hidden_states[-1]
         else:
             sys_ids = self._tokenize([self.system_prompt], "longest").to(dev).repeat(ids.shape[0], 1)
             sys_mask = torch.ones_like(sys_ids, dtype=torch.bool)
@@ -171,13 +235,13 @@ class CallableTextEncoder:
 
 
 def as_text_encoder(encoder: Union[str, os.PathLike, Callable, None], device="cpu", dtype=torch.float32,
-                    max_length: int = 300, use_system_prompt: bool = True):
+                    max_length: int = 300, use_system_prompt: bool = True, offload: bool = False):
     """A path (Qwen2 folder), a QwenTextEncoder, or any callable -> an encoder object."""
     if encoder is None:
         return None
     if isinstance(encoder, (str, os.PathLike)):
         return QwenTextEncoder.from_pretrained(encoder, device=device, dtype=dtype, max_length=max_length,
-                                               use_system_prompt=use_system_prompt)
+                                               use_system_prompt=use_system_prompt, offload=offload)
     if isinstance(encoder, (QwenTextEncoder, CallableTextEncoder)):
         return encoder
     if callable(encoder):

@@ -62,6 +62,40 @@ def test_qwen_encoder_matches_direct_hf_forward(tiny_dir):
     assert not torch.allclose(no_sys, embeds)  # the system prompt matters
 
 
+@pytest.mark.parametrize("max_length", [6, 40])
+def test_cached_system_prompt_is_the_concatenated_pass(tmp_path, max_length):
+    """The system prompt's keys and values, computed once, then only the prompt
+    tokens: the official concatenated pass's hidden states, for a batch with padding,
+    a second call (the cached prefix is reused, not extended) and another batch size."""
+    path = write_text_encoder(str(tmp_path / "te"), hidden_size=32, seed=5, num_layers=3,
+                              words=["a", "red", "apple", "on", "blue", "background", "Given", "user", "prompt"])
+    cached = QwenTextEncoder.from_pretrained(path, max_length=max_length)
+    full = QwenTextEncoder.from_pretrained(path, max_length=max_length, cache_system_prompt=False)
+    assert cached.cache_system_prompt and not full.cache_system_prompt
+    for prompts in (["a red apple", "hi", "a red apple on a blue background"], ["x"], ["a red apple", "hi"]):
+        e_c, m_c = cached(prompts)
+        e_f, m_f = full(prompts)
+        assert torch.equal(m_c, m_f)
+        scale = float(e_f.abs().max())
+        torch.testing.assert_close(e_c, e_f, rtol=1e-5, atol=1e-6 * scale)
+    assert cached._prefix[1] == min(max_length, len(cached.tokenizer(LLM_SYSTEM_PROMPT).input_ids))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="offloading to the CPU between calls needs a CUDA device to compute on"))])
+def test_offloaded_encoder_keeps_its_weights_off_the_compute_device(tmp_path, device):
+    path = write_text_encoder(str(tmp_path / "te"), hidden_size=32, seed=6)
+    enc = QwenTextEncoder.from_pretrained(path, device=device, max_length=8, offload=True)
+    ref = QwenTextEncoder.from_pretrained(path, device=device, max_length=8)
+    assert all(p.device.type == "cpu" for p in enc.model.parameters())
+    for _ in range(2):  # the weights go back to the host copies, and come again
+        e, m = enc(["a red apple", "hi"])
+        assert e.device.type == device
+        torch.testing.assert_close(e, ref(["a red apple", "hi"])[0], rtol=0, atol=0)
+        assert all(p.device.type == "cpu" for p in enc.model.parameters())
+    assert enc.device.type == device
+
+
 def test_long_prompt_truncates_with_warning(tiny_dir):
     enc = QwenTextEncoder.from_pretrained(os.path.join(tiny_dir, "text_encoder"), max_length=6)
     with pytest.warns(UserWarning, match="truncated"):
