@@ -109,13 +109,12 @@ class HartPipeline:
     def bf16_pipeline(self) -> "HartPipeline":
         """A bfloat16 copy of this (float32 CPU) pipeline: the cpu_bf16 lever."""
         if self._bf16_pipeline is None:
-            import copy
-
             # Made outside inference mode (generate runs in it): the copy's weights are
             # ordinary tensors, whose version counters the diffusion's caches read.
             with torch.inference_mode(False):
-                self._bf16_pipeline = HartPipeline(copy.deepcopy(self.transformer), copy.deepcopy(self.tokenizer),
-                                                   self.device, torch.bfloat16, self.info, fast=self.fast)
+                tr = _copy_as(self.transformer, torch.bfloat16, self.transformer.float32_parameters())
+                self._bf16_pipeline = HartPipeline(tr, _copy_as(self.tokenizer, torch.bfloat16), self.device,
+                                                   torch.bfloat16, self.info, fast=self.fast)
         return self._bf16_pipeline
 
     def levers(self, speed="exact", **explicit):
@@ -152,7 +151,8 @@ class HartPipeline:
     def validate_options(self, guidance_scale=4.5, top_k=None, top_p=0.0, diffusion_steps=None,
                          diffusion_temperature=1.0, seed=0, speed="exact", **levers):
         """Raise ValueError naming the first invalid sampling option.  levers: the
-        speed levers of hart_fast.speed.LEVERS but diffusion_steps (None = unset)."""
+        speed levers of hart_fast.speed.LEVERS but diffusion_steps (None = unset).
+        Returns the levers the call runs with (`levers(...)`), checked."""
         lv = self.levers(speed, diffusion_steps=diffusion_steps, **levers)
         validate_options(guidance_scale, top_k, top_p, lv["diffusion_steps"], diffusion_temperature, seed,
                          schedule_fn=self.schedule, guidance_until=lv["guidance_until"],
@@ -162,6 +162,7 @@ class HartPipeline:
         if lv["prune_ratios"] is not None:
             check_ratios(lv["prune_ratios"], self.config.num_stages)
         check_levers_where(lv, self.device, self.dtype, self.fast)
+        return lv
 
     @torch.inference_mode()
     def generate(
@@ -216,9 +217,8 @@ class HartPipeline:
                         seed)
         explicit = dict(guidance_until=guidance_until, prune_ratios=prune_ratios, int8_weights=int8_weights,
                         fp8_weights=fp8_weights, cpu_bf16=cpu_bf16)
-        self.validate_options(guidance_scale, top_k, top_p, diffusion_steps, diffusion_temperature, seed, speed,
-                              **explicit)
-        levers = self.levers(speed, diffusion_steps=diffusion_steps, **explicit)
+        levers = self.validate_options(guidance_scale, top_k, top_p, diffusion_steps, diffusion_temperature, seed,
+                                       speed, **explicit)
         if levers.pop("cpu_bf16"):
             # The same call on the bfloat16 copy, every lever now explicit.
             out = self.bf16_pipeline.generate(
@@ -295,6 +295,23 @@ class HartPipeline:
         """Encode then decode: images in [0, 1] -> images in [0, 1]."""
         codes, residual = self.encode(images)
         return self.decode(self.latent_from_tokens(codes, residual if with_residual else None))
+
+
+def _copy_as(module: torch.nn.Module, dtype: torch.dtype, keep_float32=()) -> torch.nn.Module:
+    """A deep copy of `module` whose floating parameters and buffers are made in `dtype`
+    as they are copied (those named in keep_float32 stay float32): no second float32
+    copy of the whole model exists at any time, so the peak is the original plus the copy."""
+    import copy
+
+    keep = set(keep_float32)
+    memo = {}
+    for name, p in module.named_parameters():
+        t = p.detach().float().clone() if name in keep else (
+            p.detach().to(dtype, copy=True) if p.is_floating_point() else p.detach().clone())
+        memo[id(p)] = torch.nn.Parameter(t, requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = b.detach().to(dtype, copy=True) if b.is_floating_point() else b.detach().clone()
+    return copy.deepcopy(module, memo)
 
 
 def to_pil(images_B3HW: torch.Tensor):
