@@ -344,6 +344,21 @@ def section_speed(dev, dtype, repeats):
         ms = median_ms(lambda: pipe.generate(ctx, mask, seed=0, **kw), dev, repeats)
         base = base or ms
         rows.append({"section": "speed", "mode": name, "batch": 1, "ms": ms, "x_exact": base / ms})
+    # The target's own terms: from a prompt string, the text encoder included.
+    import warnings
+
+    import hart_fast
+    from hart_shapes import QWEN2_1_5B, SMALL_QWEN, long_prompts, random_text_encoder
+
+    te = random_text_encoder(SMALL_QWEN if TOK is SMALL_TOK else QWEN2_1_5B, dev, dtype, pipe.config.context_token)
+    prompts, base = long_prompts(1), None  # generate()'s defaults (more_smooth on): x_exact against its exact
+    for name, kw in [("exact", {}), ("fastest", {"speed": "fastest"})] + [m for m in modes if "fp8" in m[0]][-1:]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the prompt is truncated to the context, on purpose
+            ms = median_ms(lambda: hart_fast.generate(prompts, model=pipe, text_encoder=te, output_type="pt", **kw),
+                           dev, repeats)
+        base = base or ms
+        rows.append({"section": "speed", "mode": f"{name}, from text", "batch": 1, "ms": ms, "x_exact": base / ms})
     return rows
 
 
