@@ -2,6 +2,7 @@
 
     python bench/cpu_profile.py ar     # real widths, depth 4, stages up to 16 x 16
     python bench/cpu_profile.py vae    # real decoder, 16 x 16 latent (256 x 256 image)
+    python bench/cpu_profile.py text   # the demo's text encoder: concatenated pass vs cached system prompt
 
 Prints the median of 3 runs of each path (fp32, batch 1, random weights) and the
 torch profiler's top ops for the fast path. The figures in BENCHMARKS.md's CPU
@@ -46,11 +47,35 @@ def vae_runs():
     }
 
 
+def text_encoder_times(rounds: int = 2) -> None:
+    """The embedded demo's text encoder at batch 1 and 16, the official concatenated
+    pass against the system prompt's cached keys and values, interleaved rounds."""
+    import warnings
+
+    from hart_fast.demo import DEMO_DIR
+    from hart_fast.text_encoder import QwenTextEncoder
+
+    path = os.path.join(DEMO_DIR, "text_encoder")
+    encs = {name: QwenTextEncoder.from_pretrained(path, max_length=24, cache_system_prompt=name == "cached")
+            for name in ("concatenated", "cached")}
+    prompt = ["a small red circle at the top left on a blue background"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for B in (1, 16):
+            for r in range(rounds):
+                for name, enc in encs.items():
+                    ms = median_ms(lambda: enc(prompt * B), "cpu", 15, warmup=3)
+                    print(f"text encoder batch {B} round {r} {name}: {ms:.2f} ms (median of 15)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=("ar", "vae"))
+    p.add_argument("what", choices=("ar", "vae", "text"))
     p.add_argument("--top", type=int, default=10)
     args = p.parse_args(argv)
+    if args.what == "text":
+        text_encoder_times()
+        return 0
     runs = ar_runs() if args.what == "ar" else vae_runs()
     with torch.inference_mode():
         for name, fn in runs.items():
