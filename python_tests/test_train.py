@@ -378,7 +378,8 @@ def test_cli_train_finetune_writes_a_loadable_folder(tiny_dir, tmp_path):
 # -- the demo recipe -------------------------------------------------------------
 
 
-def test_the_demo_recipe_end_to_end_with_a_time_budget(tmp_path):
+@pytest.mark.parametrize("phase1", ["plain", "objects"])
+def test_the_demo_recipe_end_to_end_with_a_time_budget(tmp_path, phase1):
     """Every stage of the demo recipe at a few steps (its real architecture): the
     budget is planned from probed step times and written to plan.json, a rerun reads
     the plan and trains nothing more, and the export loads and draws."""
@@ -388,7 +389,7 @@ def test_the_demo_recipe_end_to_end_with_a_time_budget(tmp_path):
 
     work = str(tmp_path / "work")
     r = dataclasses.replace(recipe.PROFILES["cpu"], tok_batch=2, tr_scenes=12, tr_batch=4, budget_s=1e-3,
-                            min_planned_steps=2)
+                            min_planned_steps=2, tok_phase1=phase1)
     recipe.train_tokenizer_stage(work, r, progress=False)
     recipe.train_transformer_stage(work, r, progress=False)
     plan = recipe.read_plan(work)
@@ -420,6 +421,8 @@ def test_the_recipe_refuses_a_gpu_profile_without_cuda(tmp_path, capsys):
     with pytest.raises(SystemExit):
         recipe.main(["--work", str(tmp_path / "w"), "--budget-min", "0"])
     assert "--budget-min must be positive" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="tok_phase1"):
+        recipe.train_tokenizer_stage(str(tmp_path / "w2"), recipe.Recipe(tok_phase1="crowded"), progress=False)
 
 
 def test_scene_images_sampled_ahead_in_a_thread_are_the_same_batches():

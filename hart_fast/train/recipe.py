@@ -20,7 +20,7 @@ Every batch and every random draw comes from (seed, step), so a rerun from scrat
 reproduces the same model up to floating-point reduction order.
 
 On a GPU (`--profile gpu`: larger batches, bfloat16 autocast, scenes rendered on
-the device) the steps of each stage come from a time budget (`--budget-min`):
+the device, the object-weighted stream in both tokenizer phases) the steps of each stage come from a time budget (`--budget-min`):
 each stage first times a few throwaway steps, then takes its share of the
 budget. The steps chosen are written to WORK/plan.json; a resumed or repeated run
 reads them from there, so it trains the same number of steps.
@@ -64,6 +64,10 @@ class Recipe:
     tok_refine_steps: int = 1000
     tok_refine_lr: float = 3e-4
     tok_object_weight: float = 4.0
+    # Phase 1's stream: "plain" (captioned scenes, unweighted: the embedded model's
+    # recipe) or "objects" (phase 2's half-crowded, object-weighted stream from the
+    # start, which learns the objects far sooner: BENCHMARKS.md, tokenizer variants).
+    tok_phase1: str = "plain"
     tr_scenes: int = 6000
     tr_steps: int = 2000
     tr_batch: int = 32
@@ -89,7 +93,8 @@ PROFILES: Dict[str, Recipe] = {
     # 100k encoded scenes for the transformer (the CPU recipe's 6,000 are seen ~10
     # times each in 2,000 steps; a GPU would see them hundreds of times).
     "gpu": Recipe(device="cuda", autocast="bfloat16", tok_batch=64, tok_lr=2e-3, tok_warmup=200,
-                  tok_refine_lr=6e-4, tr_scenes=100_000, tr_batch=256, tr_lr=2e-3, budget_s=6 * 60.0),
+                  tok_refine_lr=6e-4, tok_phase1="objects", tr_scenes=100_000, tr_batch=256, tr_lr=2e-3,
+                  budget_s=6 * 60.0),
 }
 
 
@@ -184,9 +189,14 @@ def build_tokenizer(cfg_dict: dict, seed: int):
 def train_tokenizer_stage(work: str, r: Recipe, progress: bool = True):
     from hart_fast.train.tokenizer import TokenizerStep
 
+    if r.tok_phase1 not in ("plain", "objects"):
+        raise ValueError(f"tok_phase1 must be 'plain' or 'objects', got {r.tok_phase1!r}")
     tok = build_tokenizer(DEMO_TOKENIZER, step_seed(r.seed, 0, 10)).to(r.device)
-    step = TokenizerStep(tok, scene_images_fn(step_seed(r.seed, 0, 11) % 2**31, r.tok_batch, r.image_size, r.device),
-                         DEMO_TOKENIZER["v_patch_nums"], autocast_dtype=r.autocast_dtype)
+    objects = r.tok_phase1 == "objects"
+    stream = refine_images_fn if objects else scene_images_fn
+    step = TokenizerStep(tok, stream(step_seed(r.seed, 0, 11) % 2**31, r.tok_batch, r.image_size, r.device),
+                         DEMO_TOKENIZER["v_patch_nums"], object_weight=r.tok_object_weight if objects else 0.0,
+                         autocast_dtype=r.autocast_dtype)
     modules = {"tokenizer": tok}
     steps = stage_steps(work, r, "tokenizer", r.tok_steps, lambda: seconds_per_step(modules, step))
     run_dir = os.path.join(work, "tokenizer")
