@@ -376,6 +376,7 @@ def cmd_train(args) -> int:
             argv += ["--out", args.out] if args.out else []
             argv += ["--budget-min", str(args.budget_min)] if args.budget_min is not None else []
             argv += ["--device", args.device] if args.device else []
+            argv += ["--tok-phase1", args.tok_phase1] if args.tok_phase1 else []
             argv += ["--quiet"] if args.quiet else []
             return recipe.main(argv)
         from hart_fast.options import parse_dtype
@@ -435,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cpu: the embedded model's recipe; gpu: larger batches on CUDA within --budget-min")
     td.add_argument("--budget-min", type=float, default=None, help="minutes of training (the gpu profile's budget)")
     td.add_argument("--device", default=None, help="override the profile's device")
+    td.add_argument("--tok-phase1", choices=["plain", "objects"], default=None,
+                    help="the tokenizer's first phase: captioned scenes or the object-weighted crowded stream")
     td.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     tf = tsub.add_parser("finetune", help="fine-tune the transformer of an official-layout folder")
     tf.add_argument("--init", required=True, help="the HART folder to start from (with encoder weights)")

@@ -438,3 +438,19 @@ def test_scene_images_sampled_ahead_in_a_thread_are_the_same_batches():
         assert torch.equal(ahead(step), fn(step)), step
     dense = np.stack([render(dense_scene_at(5, 3 * 4 + i)) for i in range(2)])
     assert torch.equal(fn(3)[2:], to_tensor_pm1(dense))
+
+
+def test_cli_train_demo_passes_its_options_to_the_recipe(tmp_path, monkeypatch):
+    from hart_fast import cli
+    from hart_fast.train import recipe
+
+    seen = []
+    monkeypatch.setattr(recipe, "train_tokenizer_stage", lambda work, r, progress: seen.append((work, r, progress)))
+    work = str(tmp_path / "w")
+    assert cli.main(["train", "demo", "--work", work, "--stage", "tokenizer", "--tok-phase1", "objects",
+                     "--budget-min", "2", "--quiet"]) == 0
+    (got_work, r, progress), = seen
+    assert got_work == work and r.tok_phase1 == "objects" and r.budget_s == 120.0 and not progress
+    assert r.device == "cpu" and r.tok_batch == recipe.PROFILES["cpu"].tok_batch
+    with pytest.raises(SystemExit):
+        cli.main(["train", "demo", "--work", work, "--tok-phase1", "crowded"])

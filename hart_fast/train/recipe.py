@@ -401,6 +401,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="minutes of training for all stages (default: the profile's; the cpu profile "
                          "trains fixed step counts)")
     ap.add_argument("--device", default=None, help="override the profile's device")
+    ap.add_argument("--tok-phase1", choices=["plain", "objects"], default=None,
+                    help="the tokenizer's first phase: captioned scenes (the embedded model's recipe) or the "
+                         "object-weighted crowded stream (the gpu profile's); default: the profile's")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -413,6 +416,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         r = dataclasses.replace(r, budget_s=60.0 * args.budget_min)
     if args.device:
         r = dataclasses.replace(r, device=args.device)
+    if args.tok_phase1:
+        r = dataclasses.replace(r, tok_phase1=args.tok_phase1)
     if torch.device(r.device).type == "cuda":
         if not torch.cuda.is_available():
             ap.error(f"--profile {args.profile} trains on {r.device}, but this machine has no CUDA device; "
