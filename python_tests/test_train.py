@@ -402,6 +402,10 @@ def test_the_demo_recipe_end_to_end_with_a_time_budget(tmp_path, phase1):
     before = {n: os.path.getmtime(os.path.join(work, n, "checkpoint.pt")) for n in plan}
     recipe.train_tokenizer_stage(work, dataclasses.replace(r, budget_s=1e6), progress=False)
     assert recipe.read_plan(work) == plan
+    # Another recipe on the same folder is refused, naming what differs.
+    other = "plain" if phase1 == "objects" else "objects"
+    with pytest.raises(ValueError, match=f"tok_phase1='{phase1}' \\(now '{other}'\\)"):
+        recipe.train_tokenizer_stage(work, dataclasses.replace(r, tok_phase1=other), progress=False)
     assert {n: os.path.getmtime(os.path.join(work, n, "checkpoint.pt")) for n in plan} == before
     import hart_fast
 

@@ -173,6 +173,29 @@ def stage_steps(work: str, r: Recipe, name: str, fixed_steps: int, probe: Callab
     return steps
 
 
+# What may change between the runs of one folder: where it trains, not what.
+RESUMABLE_ACROSS = ("device", "autocast", "budget_s", "min_planned_steps")
+
+
+def check_recipe(work: str, r: Recipe) -> None:
+    """Record the recipe of a run folder (WORK/recipe.json) on its first stage, and
+    refuse to continue a folder with another recipe: a resumed stage would otherwise
+    go on with other data or settings than it started with. The device, autocast and
+    budget may differ (a run started on a GPU can finish on a CPU)."""
+    path = os.path.join(work, "recipe.json")
+    mine = {k: v for k, v in dataclasses.asdict(r).items() if k not in RESUMABLE_ACROSS}
+    if os.path.exists(path):
+        with open(path) as f:
+            theirs = json.load(f)
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            said = ", ".join(f"{k}={theirs.get(k)!r} (now {mine.get(k)!r})" for k in diff)
+            raise ValueError(f"{work} was started with another recipe: {said}; rerun it with the options it "
+                             f"started with, or use another --work folder")
+        return
+    atomic_write_json(mine, path)
+
+
 def planned_steps(work: str, name: str, default: int) -> int:
     return int(read_plan(work).get(name, {}).get("steps", default))
 
@@ -191,6 +214,7 @@ def train_tokenizer_stage(work: str, r: Recipe, progress: bool = True):
 
     if r.tok_phase1 not in ("plain", "objects"):
         raise ValueError(f"tok_phase1 must be 'plain' or 'objects', got {r.tok_phase1!r}")
+    check_recipe(work, r)
     tok = build_tokenizer(DEMO_TOKENIZER, step_seed(r.seed, 0, 10)).to(r.device)
     objects = r.tok_phase1 == "objects"
     stream = refine_images_fn if objects else scene_images_fn
@@ -326,6 +350,7 @@ def train_transformer_stage(work: str, r: Recipe, progress: bool = True):
     from hart_fast.text_encoder import as_text_encoder
     from hart_fast.train.finetune import train_transformer
 
+    check_recipe(work, r)
     tok = load_tokenizer_stage(work, r).to(r.device)
     enc = encode_stage(work, r, tok, progress)
     te = as_text_encoder(text_encoder_stage(work, r), max_length=DEMO_TRANSFORMER["context_token"])
