@@ -39,14 +39,14 @@ def lr_at(step: int, total: int, peak: float, warmup: int, final_frac: float = 0
     return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename over `path`."""
+def _atomic_write(path: str, suffix: str, write: Callable[[str], None]) -> None:
+    """write(tmp) into a temporary file in path's folder, then rename it over `path`."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=d)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.chmod(tmp, 0o644)  # mkstemp's owner-only mode is not what a saved file should have
         os.replace(tmp, path)
     except BaseException:
@@ -55,20 +55,18 @@ def atomic_save(obj, path: str) -> None:
         raise
 
 
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, then rename over `path`."""
+    _atomic_write(path, ".pt", lambda tmp: torch.save(obj, tmp))
+
+
 def atomic_write_json(obj, path: str) -> None:
     """json.dump to a temporary file in the same folder, then rename over `path`."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
+    def write(tmp):
+        with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+
+    _atomic_write(path, ".json", write)
 
 
 def seconds_per_step(modules: Dict[str, torch.nn.Module], step_fn: Callable[[int], Dict[str, torch.Tensor]],

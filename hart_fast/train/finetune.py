@@ -99,9 +99,12 @@ def image_size(tok_cfg) -> int:
 
 
 @torch.no_grad()
-def encode_dataset(tok, images_u8: np.ndarray, patch_nums, batch: int = 64, progress: bool = True
+def encode_dataset(tok, images_u8, patch_nums, batch: int = 64, progress: bool = True
                    ) -> Dict[str, torch.Tensor]:
-    """Codes, teacher-forcing inputs and last-scale rests of every image."""
+    """Codes, teacher-forcing inputs and last-scale rests of every image (CPU tensors).
+
+    images_u8: uint8 (N, H, W, 3), an array or anything sliced into one, e.g. scenes
+    rendered on the tokenizer's device chunk by chunk (the demo recipe)."""
     from tqdm.auto import tqdm
 
     from hart_fast.train.scenes import to_tensor_pm1

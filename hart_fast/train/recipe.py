@@ -297,23 +297,20 @@ def load_tokenizer_stage(work: str, r: Recipe):
     return tok.eval()
 
 
-@torch.no_grad()
-def encode_scenes(tok, scenes: Sequence, patch_nums: Sequence[int], size: int, device="cpu",
-                  progress: bool = True) -> Dict[str, torch.Tensor]:
-    """What the transformer trains on (codes, teacher-forcing inputs, last-scale rests)
-    of every scene, rendered and encoded on `device` in chunks; CPU tensors."""
-    from tqdm.auto import tqdm
+class RenderedScenes:
+    """Scenes as a uint8 (N, size, size, 3) sequence rendered on `device` when sliced,
+    so encode_dataset renders one chunk at a time."""
 
-    from hart_fast.train.scenes import render_batch, to_tensor_pm1
-    from hart_fast.train.transformer import encode_images
+    def __init__(self, scenes: Sequence, size: int, device):
+        self.scenes, self.size, self.device = scenes, size, device
 
-    chunk = 1024 if torch.device(device).type == "cuda" else 64
-    parts: Dict[str, List[torch.Tensor]] = {}
-    for i in tqdm(range(0, len(scenes), chunk), desc="encode", disable=not progress):
-        x = to_tensor_pm1(render_batch(scenes[i:i + chunk], size, device))
-        for k, v in encode_images(tok, x, patch_nums).items():
-            parts.setdefault(k, []).append(v.cpu())
-    return {k: torch.cat(v) for k, v in parts.items()}
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        from hart_fast.train.scenes import render_batch
+
+        return render_batch(self.scenes[sl], self.size, self.device)
 
 
 def encode_stage(work: str, r: Recipe, tok, progress: bool = True):
@@ -330,7 +327,11 @@ def encode_stage(work: str, r: Recipe, tok, progress: bool = True):
             return cached
     ds = SceneDataset(r.tr_scenes, seed=step_seed(r.seed, 0, 12) % 2**31, size=r.image_size)
     scenes = [ds.scene(i) for i in range(len(ds))]
-    data = encode_scenes(tok.to(r.device), scenes, DEMO_TRANSFORMER["patch_nums"], r.image_size, r.device, progress)
+    from hart_fast.train.finetune import encode_dataset
+
+    chunk = 1024 if torch.device(r.device).type == "cuda" else 64
+    data = encode_dataset(tok.to(r.device), RenderedScenes(scenes, r.image_size, r.device),
+                          DEMO_TRANSFORMER["patch_nums"], batch=chunk, progress=progress)
     out = {"data": data, "captions": [sc.caption for sc in scenes], "codebook_sum": stamp}
     atomic_save(out, path)
     return out
