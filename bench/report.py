@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 
 import torch
 
@@ -138,33 +139,47 @@ def section_end_to_end(dev, dtype, batches, repeats):
     return rows
 
 
+def _text_encoder(pipe, dev, dtype, **opts):
+    """A random text encoder of the Qwen2 shape that goes with TOK (1.5B at the
+    0.7B model's shape, the small one otherwise), emitting pipe's context length."""
+    from hart_shapes import QWEN2_1_5B, SMALL_QWEN, random_text_encoder
+
+    shape = SMALL_QWEN if TOK is SMALL_TOK else QWEN2_1_5B
+    return random_text_encoder(shape, dev, dtype, pipe.config.context_token, **opts)
+
+
+def _ms_from_text(pipe, te, prompts, dev, repeats, **kw):
+    """Median ms of hart_fast.generate from prompt strings, the text encoder included."""
+    import hart_fast
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the long prompts are truncated to the context, on purpose
+        return median_ms(lambda: hart_fast.generate(prompts, model=pipe, text_encoder=te, output_type="pt", **kw),
+                         dev, repeats)
+
+
 def section_end_to_end_text(dev, dtype, batches, repeats):
     """Whole images as users make them (issue 13): hart_fast.generate from prompt
     strings, the Qwen2-1.5B-shaped text encoder (random weights, fp16 on the GPU) on
     a 300-token prompt behind the official system prompt, the fast path, the decode.
     Encoder variants: the concatenated pass, the system prompt's key/value cache
     computed once, and that with the encoder offloaded to the CPU between calls."""
-    import warnings
+    from hart_shapes import long_prompts
 
-    import hart_fast
-    from hart_shapes import QWEN2_1_5B, SMALL_QWEN, long_prompts, random_text_encoder
-
-    shape = SMALL_QWEN if TOK is SMALL_TOK else QWEN2_1_5B
     pipe = random_pipeline(LLM, TOK, dev, dtype, fast=True)
     variants = [("concatenated", {"cache_system_prompt": False}), ("cached_prefix", {}),
                 ("cached_prefix+offload", {"offload": True})]
     rows = []
     for name, opts in variants:
-        te = random_text_encoder(shape, dev, dtype, pipe.config.context_token, **opts)
+        te = _text_encoder(pipe, dev, dtype, **opts)
         for B in batches:
             prompts = long_prompts(B)
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # every prompt is truncated to 300 tokens, on purpose
-                if torch.cuda.is_available():
-                    torch.cuda.reset_peak_memory_stats()
                 text_ms = median_ms(lambda: te(prompts), dev, repeats)
-                ms = median_ms(lambda: hart_fast.generate(prompts, model=pipe, text_encoder=te, batch_size=B,
-                                                          output_type="pt"), dev, repeats)
+            ms = _ms_from_text(pipe, te, prompts, dev, repeats, batch_size=B)
             row = {"section": "e2e_text", "encoder": name, "batch": B, "text_ms": text_ms, "ms": ms,
                    "ms_per_image": ms / B}
             if te._prefix is not None:
@@ -345,18 +360,12 @@ def section_speed(dev, dtype, repeats):
         base = base or ms
         rows.append({"section": "speed", "mode": name, "batch": 1, "ms": ms, "x_exact": base / ms})
     # The target's own terms: from a prompt string, the text encoder included.
-    import warnings
+    from hart_shapes import long_prompts
 
-    import hart_fast
-    from hart_shapes import QWEN2_1_5B, SMALL_QWEN, long_prompts, random_text_encoder
-
-    te = random_text_encoder(SMALL_QWEN if TOK is SMALL_TOK else QWEN2_1_5B, dev, dtype, pipe.config.context_token)
+    te = _text_encoder(pipe, dev, dtype)
     prompts, base = long_prompts(1), None  # generate()'s defaults (more_smooth on): x_exact against its exact
     for name, kw in [("exact", {}), ("fastest", {"speed": "fastest"})] + [m for m in modes if "fp8" in m[0]][-1:]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the prompt is truncated to the context, on purpose
-            ms = median_ms(lambda: hart_fast.generate(prompts, model=pipe, text_encoder=te, output_type="pt", **kw),
-                           dev, repeats)
+        ms = _ms_from_text(pipe, te, prompts, dev, repeats, **kw)
         base = base or ms
         rows.append({"section": "speed", "mode": f"{name}, from text", "batch": 1, "ms": ms, "x_exact": base / ms})
     return rows

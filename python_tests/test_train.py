@@ -442,6 +442,13 @@ def test_scene_images_sampled_ahead_in_a_thread_are_the_same_batches():
         assert torch.equal(ahead(step), fn(step)), step
     dense = np.stack([render(dense_scene_at(5, 3 * 4 + i)) for i in range(2)])
     assert torch.equal(fn(3)[2:], to_tensor_pm1(dense))
+    # Closing stops the sampling thread: nothing is left pending, and the pool is gone.
+    pool = ahead._pool
+    with ahead:
+        pass
+    assert ahead._pool is None and not ahead._pending
+    with pytest.raises(RuntimeError):
+        pool.submit(lambda: None)
 
 
 def test_cli_train_demo_passes_its_options_to_the_recipe(tmp_path, monkeypatch):

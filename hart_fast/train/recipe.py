@@ -122,6 +122,21 @@ class SceneImages:
                 self._pending[s] = self._pool.submit(self.scenes_at, s)
         return to_tensor_pm1(render_batch(scenes, self.size, self.device))
 
+    def close(self) -> None:
+        """Drop the scenes sampled ahead and stop the sampling thread."""
+        for fut in self._pending.values():
+            fut.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> "SceneImages":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def scene_images_fn(seed: int, batch: int, size: int, device="cpu") -> SceneImages:
     """images_fn(step): training scenes step*batch .. +batch of the dataset seeded `seed`."""
@@ -218,26 +233,25 @@ def train_tokenizer_stage(work: str, r: Recipe, progress: bool = True):
     tok = build_tokenizer(DEMO_TOKENIZER, step_seed(r.seed, 0, 10)).to(r.device)
     objects = r.tok_phase1 == "objects"
     stream = refine_images_fn if objects else scene_images_fn
-    step = TokenizerStep(tok, stream(step_seed(r.seed, 0, 11) % 2**31, r.tok_batch, r.image_size, r.device),
-                         DEMO_TOKENIZER["v_patch_nums"], object_weight=r.tok_object_weight if objects else 0.0,
-                         autocast_dtype=r.autocast_dtype)
-    modules = {"tokenizer": tok}
-    steps = stage_steps(work, r, "tokenizer", r.tok_steps, lambda: seconds_per_step(modules, step))
-    run_dir = os.path.join(work, "tokenizer")
-    train_loop(run_dir=run_dir, modules=modules, step_fn=step, steps=steps, lr=r.tok_lr,
-               warmup=r.tok_warmup, seed=r.seed, desc="tokenizer", ckpt_every=100, log_every=10, progress=progress)
+    with stream(step_seed(r.seed, 0, 11) % 2**31, r.tok_batch, r.image_size, r.device) as images:
+        step = TokenizerStep(tok, images, DEMO_TOKENIZER["v_patch_nums"],
+                             object_weight=r.tok_object_weight if objects else 0.0, autocast_dtype=r.autocast_dtype)
+        modules = {"tokenizer": tok}
+        steps = stage_steps(work, r, "tokenizer", r.tok_steps, lambda: seconds_per_step(modules, step))
+        train_loop(run_dir=os.path.join(work, "tokenizer"), modules=modules, step_fn=step, steps=steps,
+                   lr=r.tok_lr, warmup=r.tok_warmup, seed=r.seed, desc="tokenizer", ckpt_every=100,
+                   log_every=10, progress=progress)
     if r.tok_refine_steps:
         # Phase 2 starts from phase 1's weights, with a fresh optimizer and usage counts.
-        refine_dir = os.path.join(work, "tokenizer_objects")
-        step = TokenizerStep(tok, refine_images_fn(step_seed(r.seed, 0, 13) % 2**31, r.tok_batch, r.image_size,
-                                                   r.device),
-                             DEMO_TOKENIZER["v_patch_nums"], object_weight=r.tok_object_weight,
-                             autocast_dtype=r.autocast_dtype)
-        step.initialised = True
-        steps = stage_steps(work, r, "tokenizer_objects", r.tok_refine_steps, lambda: seconds_per_step(modules, step))
-        train_loop(run_dir=refine_dir, modules=modules, step_fn=step, steps=steps,
-                   lr=r.tok_refine_lr, warmup=20, seed=step_seed(r.seed, 0, 14), desc="tokenizer-objects",
-                   ckpt_every=100, log_every=10, progress=progress)
+        with refine_images_fn(step_seed(r.seed, 0, 13) % 2**31, r.tok_batch, r.image_size, r.device) as images:
+            step = TokenizerStep(tok, images, DEMO_TOKENIZER["v_patch_nums"], object_weight=r.tok_object_weight,
+                                 autocast_dtype=r.autocast_dtype)
+            step.initialised = True
+            steps = stage_steps(work, r, "tokenizer_objects", r.tok_refine_steps,
+                                lambda: seconds_per_step(modules, step))
+            train_loop(run_dir=os.path.join(work, "tokenizer_objects"), modules=modules, step_fn=step,
+                       steps=steps, lr=r.tok_refine_lr, warmup=20, seed=step_seed(r.seed, 0, 14),
+                       desc="tokenizer-objects", ckpt_every=100, log_every=10, progress=progress)
     return tok
 
 
