@@ -9,6 +9,11 @@ trained from scratch on the captioned stream ("plain") or the half-crowded one
 the same batches. After training, the 64 held-out renders are reconstructed
 (continuous latent and codes only) and scored: PSNR, the object pixels' MSE,
 and the judge's per-attribute accuracy. One JSON line per variant.
+
+    python bench/tokenizer_variants.py --checkpoint WORK/tokenizer/checkpoint.pt [...]
+
+scores saved tokenizer checkpoints of the demo recipe (`hart-fast train demo`)
+the same way, one JSON line each: the rows of a run in progress.
 """
 
 from __future__ import annotations
@@ -42,12 +47,19 @@ def run_variant(name: str, ch: int, stream: str, object_weight: float, steps: in
         train_loop(run_dir=run_dir, modules={"tokenizer": tok}, step_fn=step, steps=steps, lr=1e-3, warmup=50,
                    seed=0, desc=name, ckpt_every=10**9, log_every=25, progress=False)
     train_s = time.time() - t0
-    scenes = heldout_prompts(64)
-    x = to_tensor_pm1(np.stack([render(s) for s in scenes])).to(device)
-    rec = reconstruct(tok.eval(), x, cfg["v_patch_nums"])
     out = {"name": name, "ch": ch, "stream": stream, "object_weight": object_weight, "steps": steps, "batch": batch,
            "train_s": round(train_s)}
+    return {**out, **score(tok, cfg["v_patch_nums"], device)}
+
+
+def score(tok, patch_nums, device="cpu", n: int = 64) -> dict:
+    """The n held-out renders reconstructed by `tok` (continuous latent and codes
+    only): PSNR, the object pixels' MSE and the judge's per-attribute accuracy."""
+    scenes = heldout_prompts(n)
+    x = to_tensor_pm1(np.stack([render(s) for s in scenes])).to(device)
+    rec = reconstruct(tok.eval(), x, patch_nums)
     m = object_mask(x)
+    out = {}
     for kind in ("with_residual", "codes_only"):
         r = rec[kind].float().clamp(-1, 1)
         acc = accuracy([judge(im) for im in to_uint8(r)], scenes)
@@ -57,13 +69,28 @@ def run_variant(name: str, ch: int, stream: str, object_weight: float, steps: in
     return out
 
 
+def score_checkpoint(path: str, device: str = "cpu", n: int = 64) -> dict:
+    """score() of the demo tokenizer saved in a train_loop checkpoint."""
+    tok = recipe.build_tokenizer(recipe.DEMO_TOKENIZER, 0)
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    tok.load_state_dict(ck["modules"]["tokenizer"])
+    return {"checkpoint": path, "step": ck["step"],
+            **score(tok.to(device), recipe.DEMO_TOKENIZER["v_patch_nums"], device, n)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--variants", default="c64:64:plain:0,c64obj:64:refine:4,c128:128:plain:0")
+    p.add_argument("--checkpoint", action="append", default=[],
+                   help="score this tokenizer checkpoint of the demo recipe instead (repeatable)")
     args = p.parse_args(argv)
+    if args.checkpoint:
+        for path in args.checkpoint:
+            print(json.dumps(score_checkpoint(path, args.device)), flush=True)
+        return 0
     for spec in args.variants.split(","):
         name, ch, stream, ow = spec.split(":")
         print(json.dumps(run_variant(name, int(ch), stream, float(ow), args.steps, args.batch, args.device)),

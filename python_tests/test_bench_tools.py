@@ -112,3 +112,31 @@ def test_report_runs_every_section_on_cpu(tmp_path):
     assert all(r["ours_ms"] == r["ours_ms"] for r in attention)
     for r in attention[:-1]:  # the cached-stage rows name their fastest backend
         assert r["best"] == min(("ours", "sdpa"), key=lambda n: r[f"{n}_ms"])
+
+
+def test_tokenizer_checkpoints_are_scored_with_their_saved_weights(tmp_path):
+    """bench/tokenizer_variants.py --checkpoint scores the weights in the file: a
+    checkpoint of a tokenizer after two training steps scores what that tokenizer
+    scores in memory, and not what a fresh one does."""
+    import torch
+
+    from hart_fast.eval.judge import ATTRIBUTES
+    from hart_fast.train import recipe
+    from hart_fast.train.common import train_loop
+    from hart_fast.train.tokenizer import TokenizerStep
+    from tokenizer_variants import score, score_checkpoint
+
+    pn = recipe.DEMO_TOKENIZER["v_patch_nums"]
+    tok = recipe.build_tokenizer(recipe.DEMO_TOKENIZER, 3)
+    step = TokenizerStep(tok, recipe.refine_images_fn(1, 2, 64), pn, object_weight=4.0)
+    train_loop(run_dir=str(tmp_path), modules={"tokenizer": tok}, step_fn=step, steps=2, lr=1e-3, warmup=1,
+               seed=0, desc="t", ckpt_every=2, log_every=1, progress=False)
+    got = score_checkpoint(str(tmp_path / "checkpoint.pt"), n=8)
+    assert got["step"] == 2
+    want = score(tok, pn, n=8)
+    assert got["with_residual"] == want["with_residual"] and got["codes_only"] == want["codes_only"]
+    fresh = score(recipe.build_tokenizer(recipe.DEMO_TOKENIZER, 0), pn, n=8)
+    assert fresh["with_residual"]["psnr"] != got["with_residual"]["psnr"]
+    for kind in ("with_residual", "codes_only"):
+        assert set(got[kind]) == {"psnr", "object_mse", *ATTRIBUTES, "all"}
+        assert torch.isfinite(torch.tensor(got[kind]["psnr"]))
