@@ -104,6 +104,15 @@ class TestGroupNormSilu:
         x, w, b = make_args((3, 64, 9, 11), dtype, kernel_device, affine=affine)
         assert_faithful(group_norm_silu(x, w, b, 32, EPS, silu), x, w, b, silu=silu)
 
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("C", [4, 20, 40, 1100])
+    def test_nhwc_odd_channels(self, kernel_device, C, dtype):
+        # The CPU kernel sums NHWC channels in blocks of 16 (C % 16 left over for
+        # a plain loop) and normalises runs of whole pixels up to 1,024 values
+        # (one pixel row at a time above that): widths on each side of both.
+        x, w, b = make_args((2, C, 3, 5), dtype, kernel_device, channels_last=True, seed=C)
+        assert_faithful(group_norm_silu(x, w, b, 4, EPS), x, w, b, groups=4)
+
     @pytest.mark.parametrize("groups", [1, 4, 16, 96])
     def test_groups(self, kernel_device, groups):
         x, w, b = make_args((2, 96, 5, 6), torch.float32, kernel_device)

@@ -104,12 +104,48 @@ HF_ALWAYS_INLINE void apply_block(const S* __restrict__ x, S* __restrict__ out, 
 }
 
 // Per-channel sums of pixels [p0, p1) of one NHWC image xb into s / q (C each).
+// Blocks of kSumChannels channels are summed over all the pixels with their
+// accumulators in registers (one 64-byte line of each fp32 pixel row per step);
+// every channel still adds its pixels in pixel order, so the sums are the
+// same bits as a pixel-major loop.
+constexpr int64_t kSumChannels = 16;
+
 template <typename S>
 HF_ALWAYS_INLINE void nhwc_sums(const S* __restrict__ xb, int64_t C, int64_t p0, int64_t p1,
                                 double* __restrict__ s, double* __restrict__ q) {
-  for (int64_t px = p0; px < p1; ++px) {
+  // GCC's vectoriser leaves the plain loop scalar (and spills the 32
+  // accumulators), so the lanes are spelled out as vectors of 4 doubles: each
+  // lane is still one channel's IEEE adds in pixel order.
+  typedef double v4d __attribute__((vector_size(32)));
+  constexpr int kVecs = kSumChannels / 4;
+  int64_t c0 = 0;
+  for (; c0 + kSumChannels <= C; c0 += kSumChannels) {
+    v4d ls[kVecs], lq[kVecs];
+    for (int k = 0; k < kVecs; ++k) {
+      for (int j = 0; j < 4; ++j) {
+        ls[k][j] = s[c0 + 4 * k + j];
+        lq[k][j] = q[c0 + 4 * k + j];
+      }
+    }
+    for (int64_t px = p0; px < p1; ++px) {
+      const S* __restrict__ xr = xb + px * C + c0;
+      for (int k = 0; k < kVecs; ++k) {
+        const v4d v = {static_cast<double>(hf_load(xr[4 * k])), static_cast<double>(hf_load(xr[4 * k + 1])),
+                       static_cast<double>(hf_load(xr[4 * k + 2])), static_cast<double>(hf_load(xr[4 * k + 3]))};
+        ls[k] += v;
+        lq[k] += v * v;
+      }
+    }
+    for (int k = 0; k < kVecs; ++k) {
+      for (int j = 0; j < 4; ++j) {
+        s[c0 + 4 * k + j] = ls[k][j];
+        q[c0 + 4 * k + j] = lq[k][j];
+      }
+    }
+  }
+  for (int64_t px = p0; px < p1 && c0 < C; ++px) {  // the last C % kSumChannels channels
     const S* __restrict__ xr = xb + px * C;
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = c0; c < C; ++c) {
       const double v = static_cast<double>(hf_load(xr[c]));
       s[c] += v;
       q[c] += v * v;
@@ -125,14 +161,44 @@ HF_ALWAYS_INLINE void apply_rows_nchw_impl(const S* x, S* out, int64_t hw, const
   }
 }
 
-// Pixel rows [begin, end) of B * HW; the coefficient row of the pixel's image
-// lines up with its C channels element for element.
+// NHWC coefficients of one image as three arrays (m, a, s), each repeated for
+// `pixels` consecutive pixels, so a block of whole pixels reads them with unit
+// stride (the GnCoef structs' stride of 3 floats stops the vectoriser).
+struct TiledCoef {
+  const float* m;
+  const float* a;
+  const float* s;
+};
+
+// Normalises n elements (whole pixels, n <= the tiled length) of one image.
+template <typename S>
+HF_ALWAYS_INLINE void apply_pixels(const S* __restrict__ x, S* __restrict__ out, int64_t n,
+                                   TiledCoef k, bool silu) {
+  alignas(64) float y[kBlock];
+  const float* __restrict__ km = k.m;
+  const float* __restrict__ ka = k.a;
+  const float* __restrict__ ks = k.s;
+  for (int64_t j = 0; j < n; ++j) y[j] = hf_gn_affine(hf_load(x[j]), km[j], ka[j], ks[j]);
+  if (silu) {  // same steps as hf_gn_silu_apply, one loop each
+    for (int64_t j = 0; j < n; ++j) y[j] = hf_round_to<S>(y[j]);
+    silu_inplace(y, n);
+  }
+  for (int64_t j = 0; j < n; ++j) out[j] = Storage<S>::store(y[j]);
+}
+
+// Pixel rows [begin, end) of B * HW, in runs of at most `pixels` pixels of one
+// image; tiled holds 3 * pixels * C floats per image (m, a, s).
 template <typename S>
 HF_ALWAYS_INLINE void apply_rows_nhwc_impl(const S* x, S* out, int64_t C, int64_t hw,
-                                           const GnCoef* coef, int64_t begin, int64_t end,
-                                           bool silu) {
-  for (int64_t r = begin; r < end; ++r) {
-    apply_block<S, true>(x + r * C, out + r * C, C, &coef[(r / hw) * C], GnCoef{}, silu);
+                                           const float* tiled, int64_t pixels, int64_t begin,
+                                           int64_t end, bool silu) {
+  const int64_t len = pixels * C;
+  for (int64_t r = begin; r < end;) {
+    const int64_t b = r / hw;
+    const int64_t n = std::min({pixels, end - r, (b + 1) * hw - r});
+    const float* t = tiled + b * 3 * len;
+    apply_pixels<S>(x + r * C, out + r * C, n * C, TiledCoef{t, t + len, t + 2 * len}, silu);
+    r += n;
   }
 }
 
@@ -151,9 +217,13 @@ HF_ALWAYS_INLINE void apply_rows_nhwc_impl(const S* x, S* out, int64_t C, int64_
     apply_rows_nchw_impl(x, out, hw, coef, begin, end, silu);                                  \
   }                                                                                            \
   HF_CPU_CLONES void apply_rows_nhwc(const S* x, S* out, int64_t C, int64_t hw,               \
-                                     const GnCoef* coef, int64_t begin, int64_t end,           \
-                                     bool silu) {                                              \
-    apply_rows_nhwc_impl(x, out, C, hw, coef, begin, end, silu);                               \
+                                     const float* tiled, int64_t pixels, int64_t begin,        \
+                                     int64_t end, bool silu) {                                 \
+    apply_rows_nhwc_impl(x, out, C, hw, tiled, pixels, begin, end, silu);                      \
+  }                                                                                            \
+  HF_CPU_CLONES void apply_rows_nhwc_wide(const S* x, S* out, int64_t C, const GnCoef* coef,  \
+                                          int64_t r, bool silu) {                              \
+    apply_block<S, true>(x + r * C, out + r * C, C, coef, GnCoef{}, silu);                     \
   }
 HF_GN_ENTRY_POINTS(float)
 HF_GN_ENTRY_POINTS(half_t)
@@ -229,10 +299,32 @@ void run_typed(const GroupNormSiluParams& p) {
     });
     return;
   }
-  // NHWC: one pixel row of C channels at a time.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(C, 1));
+  // NHWC: runs of whole pixels of one image, up to kBlock elements (at least one
+  // pixel when C > kBlock, which falls back to blocks of one pixel row).
+  if (C > kBlock) {
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / C);
+    at::parallel_for(0, B * HW, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        apply_rows_nhwc_wide(x, out, C, &coef[(r / HW) * C], r, p.silu);
+      }
+    });
+    return;
+  }
+  const int64_t pixels = kBlock / C;
+  const int64_t len = pixels * C;
+  std::vector<float> tiled(static_cast<size_t>(B * 3 * len));
+  for (int64_t b = 0; b < B; ++b) {
+    float* t = &tiled[static_cast<size_t>(b * 3 * len)];
+    for (int64_t i = 0; i < len; ++i) {
+      const GnCoef& k = coef[b * C + i % C];
+      t[i] = k.m;
+      t[len + i] = k.a;
+      t[2 * len + i] = k.s;
+    }
+  }
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / C);
   at::parallel_for(0, B * HW, grain, [&](int64_t begin, int64_t end) {
-    apply_rows_nhwc(x, out, C, HW, coef.data(), begin, end, p.silu);
+    apply_rows_nhwc(x, out, C, HW, tiled.data(), pixels, begin, end, p.silu);
   });
 }
 
