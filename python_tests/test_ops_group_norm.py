@@ -109,7 +109,7 @@ class TestGroupNormSilu:
     def test_nhwc_odd_channels(self, kernel_device, C, dtype):
         # The CPU kernel sums NHWC channels in blocks of 16 (C % 16 left over for
         # a plain loop) and normalises runs of whole pixels up to 1,024 values
-        # (one pixel row at a time above that): widths on each side of both.
+        # (one pixel in 1,024-value pieces above that): widths on each side of both.
         x, w, b = make_args((2, C, 3, 5), dtype, kernel_device, channels_last=True, seed=C)
         assert_faithful(group_norm_silu(x, w, b, 4, EPS), x, w, b, groups=4)
 

@@ -77,29 +77,27 @@ HF_ALWAYS_INLINE void silu_inplace(float* __restrict__ y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = hf_silu_poly(y[i]);
 }
 
-// Normalises n elements x[0..n) into out; coefficients of element j are
-// k[j] (NHWC: the per-channel array of the pixel's image) or k0 (NCHW: one
-// channel row).
-template <typename S, bool kPerElem>
-HF_ALWAYS_INLINE void apply_block(const S* __restrict__ x, S* __restrict__ out, int64_t n, const GnCoef* k,
-                 GnCoef k0, bool silu) {
+// y[0..m) (normalised, fp32) -> out[0..m): the same steps as
+// hf_gn_silu_apply, one loop each so each vectorises.
+template <typename S>
+HF_ALWAYS_INLINE void finish_block(float* __restrict__ y, S* __restrict__ out, int64_t m, bool silu) {
+  if (silu) {
+    for (int64_t j = 0; j < m; ++j) y[j] = hf_round_to<S>(y[j]);
+    silu_inplace(y, m);
+  }
+  for (int64_t j = 0; j < m; ++j) out[j] = Storage<S>::store(y[j]);
+}
+
+// Normalises n elements x[0..n) of one NCHW channel row (coefficients k0).
+template <typename S>
+HF_ALWAYS_INLINE void apply_block(const S* __restrict__ x, S* __restrict__ out, int64_t n, GnCoef k0,
+                                  bool silu) {
   alignas(64) float y[kBlock];
   for (int64_t base = 0; base < n; base += kBlock) {
     const int64_t m = std::min(kBlock, n - base);
     const S* __restrict__ xb = x + base;
-    if (kPerElem) {
-      const GnCoef* __restrict__ kb = k + base;
-      for (int64_t j = 0; j < m; ++j) y[j] = hf_gn_affine(hf_load(xb[j]), kb[j].m, kb[j].a, kb[j].s);
-    } else {
-      for (int64_t j = 0; j < m; ++j) y[j] = hf_gn_affine(hf_load(xb[j]), k0.m, k0.a, k0.s);
-    }
-    // Same steps as hf_gn_silu_apply, one loop each.
-    if (silu) {
-      for (int64_t j = 0; j < m; ++j) y[j] = hf_round_to<S>(y[j]);
-      silu_inplace(y, m);
-    }
-    S* __restrict__ ob = out + base;
-    for (int64_t j = 0; j < m; ++j) ob[j] = Storage<S>::store(y[j]);
+    for (int64_t j = 0; j < m; ++j) y[j] = hf_gn_affine(hf_load(xb[j]), k0.m, k0.a, k0.s);
+    finish_block<S>(y, out + base, m, silu);
   }
 }
 
@@ -157,12 +155,12 @@ template <typename S>
 HF_ALWAYS_INLINE void apply_rows_nchw_impl(const S* x, S* out, int64_t hw, const GnCoef* coef,
                                            int64_t begin, int64_t end, bool silu) {
   for (int64_t r = begin; r < end; ++r) {
-    apply_block<S, false>(x + r * hw, out + r * hw, hw, nullptr, coef[r], silu);
+    apply_block<S>(x + r * hw, out + r * hw, hw, coef[r], silu);
   }
 }
 
 // NHWC coefficients of one image as three arrays (m, a, s), each repeated for
-// `pixels` consecutive pixels, so a block of whole pixels reads them with unit
+// `pixels` consecutive pixels, so a run of whole pixels reads them with unit
 // stride (the GnCoef structs' stride of 3 floats stops the vectoriser).
 struct TiledCoef {
   const float* m;
@@ -170,20 +168,20 @@ struct TiledCoef {
   const float* s;
 };
 
-// Normalises n elements (whole pixels, n <= the tiled length) of one image.
+// Normalises n elements (whole pixels of one image, n <= the tiled length).
 template <typename S>
 HF_ALWAYS_INLINE void apply_pixels(const S* __restrict__ x, S* __restrict__ out, int64_t n,
                                    TiledCoef k, bool silu) {
   alignas(64) float y[kBlock];
-  const float* __restrict__ km = k.m;
-  const float* __restrict__ ka = k.a;
-  const float* __restrict__ ks = k.s;
-  for (int64_t j = 0; j < n; ++j) y[j] = hf_gn_affine(hf_load(x[j]), km[j], ka[j], ks[j]);
-  if (silu) {  // same steps as hf_gn_silu_apply, one loop each
-    for (int64_t j = 0; j < n; ++j) y[j] = hf_round_to<S>(y[j]);
-    silu_inplace(y, n);
+  for (int64_t base = 0; base < n; base += kBlock) {  // one pass unless C > kBlock
+    const int64_t m = std::min(kBlock, n - base);
+    const S* __restrict__ xb = x + base;
+    const float* __restrict__ km = k.m + base;
+    const float* __restrict__ ka = k.a + base;
+    const float* __restrict__ ks = k.s + base;
+    for (int64_t j = 0; j < m; ++j) y[j] = hf_gn_affine(hf_load(xb[j]), km[j], ka[j], ks[j]);
+    finish_block<S>(y, out + base, m, silu);
   }
-  for (int64_t j = 0; j < n; ++j) out[j] = Storage<S>::store(y[j]);
 }
 
 // Pixel rows [begin, end) of B * HW, in runs of at most `pixels` pixels of one
@@ -220,10 +218,6 @@ HF_ALWAYS_INLINE void apply_rows_nhwc_impl(const S* x, S* out, int64_t C, int64_
                                      const float* tiled, int64_t pixels, int64_t begin,        \
                                      int64_t end, bool silu) {                                 \
     apply_rows_nhwc_impl(x, out, C, hw, tiled, pixels, begin, end, silu);                      \
-  }                                                                                            \
-  HF_CPU_CLONES void apply_rows_nhwc_wide(const S* x, S* out, int64_t C, const GnCoef* coef,  \
-                                          int64_t r, bool silu) {                              \
-    apply_block<S, true>(x + r * C, out + r * C, C, coef, GnCoef{}, silu);                     \
   }
 HF_GN_ENTRY_POINTS(float)
 HF_GN_ENTRY_POINTS(half_t)
@@ -299,18 +293,9 @@ void run_typed(const GroupNormSiluParams& p) {
     });
     return;
   }
-  // NHWC: runs of whole pixels of one image, up to kBlock elements (at least one
-  // pixel when C > kBlock, which falls back to blocks of one pixel row).
-  if (C > kBlock) {
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / C);
-    at::parallel_for(0, B * HW, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        apply_rows_nhwc_wide(x, out, C, &coef[(r / HW) * C], r, p.silu);
-      }
-    });
-    return;
-  }
-  const int64_t pixels = kBlock / C;
+  // NHWC: runs of whole pixels of one image, up to kBlock elements (one pixel,
+  // in kBlock pieces, when C > kBlock).
+  const int64_t pixels = std::max<int64_t>(1, kBlock / C);
   const int64_t len = pixels * C;
   std::vector<float> tiled(static_cast<size_t>(B * 3 * len));
   for (int64_t b = 0; b < B; ++b) {
