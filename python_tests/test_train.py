@@ -458,10 +458,10 @@ def test_cli_train_demo_passes_its_options_to_the_recipe(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(recipe, "train_tokenizer_stage", lambda work, r, progress: seen.append((work, r, progress)))
     work = str(tmp_path / "w")
-    assert cli.main(["train", "demo", "--work", work, "--stage", "tokenizer", "--tok-phase1", "objects",
+    assert cli.main(["train", "demo", "--work", work, "--stage", "tokenizer", "--tok-phase1", "plain",
                      "--budget-min", "2", "--quiet"]) == 0
     (got_work, r, progress), = seen
-    assert got_work == work and r.tok_phase1 == "objects" and r.budget_s == 120.0 and not progress
+    assert got_work == work and r.tok_phase1 == "plain" and r.budget_s == 120.0 and not progress
     assert r.device == "cpu" and r.tok_batch == recipe.PROFILES["cpu"].tok_batch
     with pytest.raises(SystemExit):
         cli.main(["train", "demo", "--work", work, "--tok-phase1", "crowded"])
