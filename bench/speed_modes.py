@@ -49,6 +49,7 @@ ROWS = [
     ("guidance_until=-2", {"guidance_until": -2}),
     ("prune_ratios=(0.5, 0.75)", {"prune_ratios": (0.5, 0.75)}),
     ("diffusion_steps=4", {"diffusion_steps": 4}),
+    ("topk_sampling", {"topk_sampling": True}),
     ("int8_weights", {"int8_weights": True}),
     ("guidance_until=-1, prune", {"guidance_until": -1, "prune_ratios": (0.5, 0.75)}),
     ("guidance_until=-2, prune, int8", {"guidance_until": -2, "prune_ratios": (0.5, 0.75), "int8_weights": True}),
@@ -59,7 +60,11 @@ ROWS = [
     # What a CPU with native bfloat16 (AVX512-BF16 / AMX) adds to the presets
     # (hart_fast.speed.HARDWARE_EXTRAS); elsewhere torch emulates bfloat16.
     ("cpu_bf16", {"cpu_bf16": True}),
+    ("speed=balanced+cpu_bf16", {"speed": "balanced", "cpu_bf16": True}),
     ("speed=fastest+cpu_bf16", {"speed": "fastest", "cpu_bf16": True}),
+    # ... and the presets without it (the same as speed=... on a CPU that emulates it).
+    ("speed=balanced-cpu_bf16", {"speed": "balanced", "cpu_bf16": False}),
+    ("speed=fastest-cpu_bf16", {"speed": "fastest", "cpu_bf16": False}),
 ]
 
 

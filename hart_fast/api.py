@@ -46,6 +46,7 @@ class GenerationSettings:
     speed: str = "exact"              # hart_fast.speed: 'exact', 'balanced' or 'fastest'
     guidance_until: Optional[int] = None  # a speed lever: CFG on the first g scales only
     prune_ratios: Optional[Tuple[float, ...]] = None  # a speed lever: token pruning at the last scales
+    topk_sampling: Optional[bool] = None  # a speed lever: random numbers for the top-k candidates only
     int8_weights: Optional[bool] = None   # a speed lever (CPU): int8 transformer projections
     fp8_weights: Optional[bool] = None    # a speed lever (CUDA 8.9+): fp8 transformer projections
     cpu_bf16: Optional[bool] = None       # a speed lever (CPU): run a float32 pipeline in bfloat16
@@ -274,7 +275,8 @@ def generate(
     speed='exact' (or 'balanced' / 'fastest': opt-in presets of faster levers,
     hart_fast.speed) and its levers guidance_until=None (CFG on the first g scales
     only), prune_ratios=None (token pruning at the last scales, e.g. (0.5, 0.75)),
-    int8_weights=None (CPU: int8 transformer projections), fp8_weights=None (CUDA
+    topk_sampling=None (draw each token over the top-k candidates only: the same
+    distribution from fewer random numbers), int8_weights=None (CPU: int8 transformer projections), fp8_weights=None (CUDA
     compute capability 8.9+: fp8 projections) and cpu_bf16=None (run a float32 CPU
     pipeline in bfloat16; a gain only where the CPU has native bfloat16).
     Image k of the run (prompt-major) uses seed + k, whatever `batch_size`: an

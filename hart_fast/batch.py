@@ -35,7 +35,7 @@ import torch
 # Per-row settings a prompt file may carry (the GenerationSettings fields but the seed).
 ROW_SETTINGS = ("guidance_scale", "top_k", "top_p", "more_smooth", "residual_diffusion", "diffusion_steps",
                 "diffusion_temperature", "use_system_prompt", "speed", "guidance_until",
-                "int8_weights", "fp8_weights", "cpu_bf16")
+                "topk_sampling", "int8_weights", "fp8_weights", "cpu_bf16")
 ROW_KEYS = ("prompt", "seed", "n", "cfg") + ROW_SETTINGS
 MANIFEST = "manifest.jsonl"
 log = logging.getLogger("hart_fast")

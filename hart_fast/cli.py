@@ -203,8 +203,8 @@ def _settings_from_args(args):
         more_smooth=not args.no_more_smooth, residual_diffusion=not args.no_residual,
         diffusion_steps=args.diffusion_steps, diffusion_temperature=args.diffusion_temperature,
         use_system_prompt=not args.no_system_prompt, speed=args.speed, guidance_until=args.guidance_until,
-        prune_ratios=args.prune_ratios, int8_weights=args.int8_weights, fp8_weights=args.fp8_weights,
-        cpu_bf16=args.cpu_bf16,
+        prune_ratios=args.prune_ratios, topk_sampling=args.topk_sampling, int8_weights=args.int8_weights,
+        fp8_weights=args.fp8_weights, cpu_bf16=args.cpu_bf16,
     )
 
 
@@ -355,6 +355,9 @@ def _add_model_and_sampling_args(g) -> None:
                    help="a speed lever: prune these fractions of the tokens of the last scales, e.g. 0.5,0.75 "
                         "(FastVAR's HART setting); overrides the preset's")
     # --no-X turns off a lever a preset would add (default: the preset decides).
+    g.add_argument("--topk-sampling", action=argparse.BooleanOptionalAction, default=None,
+                   help="a speed lever: draw each token and its Gumbel noise over the top-k candidates only "
+                        "(the same distribution, fewer random numbers)")
     g.add_argument("--int8-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="a speed lever (CPU): the transformer's projections as int8 GEMMs")
     g.add_argument("--fp8-weights", action=argparse.BooleanOptionalAction, default=None,

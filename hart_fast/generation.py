@@ -35,7 +35,9 @@ first g scales only (negative: counted from the end); from scale g on only the
 conditional rows go through the transformer (half the work of those stages) and
 the codes and the residual diffusion are drawn unguided. `prune_ratios` prunes
 tokens inside the blocks of the last scales (hart_fast.pruning; the backend
-does it, the loop is unchanged).
+does it, the loop is unchanged). `topk_sampling` draws the codes and the
+`more_smooth` Gumbel noise over the top-k kept candidates only
+(hart_fast.sampling): the same distribution from fewer random numbers.
 
 A trace (dict) records, on both backends alike: `stageXX/x` (the stage's input,
 both CFG halves), `stageXX/logits` (CFG-combined, before top-k: what a token
@@ -50,7 +52,8 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from hart_fast.pruning import PrunePlan
-from hart_fast.sampling import cfg_combine, cfg_ratio, gumbel_mix, multinomial_sample, official_top_k
+from hart_fast.sampling import (cfg_combine, cfg_ratio, gumbel_mix, gumbel_mix_topk, kept_candidates, multinomial_sample,
+                                multinomial_sample_topk, official_top_k)
 
 TokenSampler = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -59,7 +62,7 @@ def generate_latent(tr, tok, backend, prompt_embeds, prompt_mask, *, guidance_sc
                     more_smooth, residual_diffusion, schedule, diffusion_temperature, residual_latents,
                     token_sampler: Optional[TokenSampler], trace: Optional[dict] = None,
                     diffusion_noise_fn=None, guidance_until: Optional[int] = None,
-                    prune_ratios: Optional[Sequence[float]] = None) -> torch.Tensor:
+                    prune_ratios: Optional[Sequence[float]] = None, topk_sampling: bool = False) -> torch.Tensor:
     """The decoder's input latent f_hat (B, Cvae, P, P) float32 for validated inputs.
 
     tr / tok: the HartTransformer and HartTokenizer (on the run's device and dtype);
@@ -101,15 +104,27 @@ def generate_latent(tr, tok, backend, prompt_embeds, prompt_mask, *, guidance_sc
         k = official_top_k(si) if top_k is None else top_k
         if trace is not None:
             trace[f"stage{si:02d}/logits"] = cfg_combine(raw, t) if guided else raw.clone()
+        # topk_sampling: random numbers for the k kept candidates only (same law).
+        sparse = topk_sampling and 0 < k < raw.shape[-1]
         if token_sampler is None:
             logits = backend.guide(raw, t, k, top_p)
-            idx_Bl = multinomial_sample(logits, generators)
+            if sparse:
+                kept = kept_candidates(logits, k)
+                idx_Bl = multinomial_sample_topk(*kept, generators)
+            else:
+                idx_Bl = multinomial_sample(logits, generators)
         else:
             idx_Bl = _call_token_sampler(token_sampler, si, cfg_combine(raw, t) if guided else raw)
             logits = backend.guide(raw, t, k, top_p) if more_smooth else None  # Gumbel sees filtered logits
+            kept = kept_candidates(logits, k) if sparse and more_smooth else None
         if trace is not None:
             trace[f"stage{si:02d}/idx"] = idx_Bl.clone()
-        h_BlC = gumbel_mix(logits, ratio, codebook_f, generators) if more_smooth else codebook_f[idx_Bl]
+        if not more_smooth:
+            h_BlC = codebook_f[idx_Bl]
+        elif sparse:
+            h_BlC = gumbel_mix_topk(*kept, raw.shape[-1], ratio, codebook_f, generators)
+        else:
+            h_BlC = gumbel_mix(logits, ratio, codebook_f, generators)
         if not last:
             h_BChw = h_BlC.transpose(1, 2).reshape(B, Cvae, pn, pn).to(dt)
             f_hat, nxt = backend.next_scale_input(si, f_hat, h_BChw)

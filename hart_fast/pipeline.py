@@ -184,6 +184,7 @@ class HartPipeline:
         speed: str = "exact",
         guidance_until: Optional[int] = None,
         prune_ratios: Optional[Sequence[float]] = None,
+        topk_sampling: Optional[bool] = None,
         int8_weights: Optional[bool] = None,
         fp8_weights: Optional[bool] = None,
         cpu_bf16: Optional[bool] = None,
@@ -205,7 +206,7 @@ class HartPipeline:
         speed: 'exact' (the official algorithm), 'balanced' or 'fastest', presets of
         the levers in hart_fast.speed: guidance_until (CFG on the first g scales
         only), prune_ratios (token pruning at the last scales), diffusion_steps,
-        int8_weights (CPU), fp8_weights (CUDA, compute capability 8.9+) and cpu_bf16
+        topk_sampling (each draw over the top-k candidates only), int8_weights (CPU), fp8_weights (CUDA, compute capability 8.9+) and cpu_bf16
         (a float32 CPU pipeline run in bfloat16); an explicit lever overrides the
         preset's.
         trace, a dict, receives the loop's intermediate tensors (hart_fast.generation);
@@ -215,8 +216,8 @@ class HartPipeline:
         """
         validate_inputs(self.config, self.tokenizer.Cvae, prompt_embeds, prompt_mask, residual_latents, output_type,
                         seed)
-        explicit = dict(guidance_until=guidance_until, prune_ratios=prune_ratios, int8_weights=int8_weights,
-                        fp8_weights=fp8_weights, cpu_bf16=cpu_bf16)
+        explicit = dict(guidance_until=guidance_until, prune_ratios=prune_ratios, topk_sampling=topk_sampling,
+                        int8_weights=int8_weights, fp8_weights=fp8_weights, cpu_bf16=cpu_bf16)
         levers = self.validate_options(guidance_scale, top_k, top_p, diffusion_steps, diffusion_temperature, seed,
                                        speed, **explicit)
         if levers.pop("cpu_bf16"):
@@ -244,6 +245,7 @@ class HartPipeline:
                 diffusion_temperature=diffusion_temperature, residual_latents=residual_latents,
                 token_sampler=token_sampler, trace=trace, diffusion_noise_fn=diffusion_noise_fn,
                 guidance_until=levers["guidance_until"], prune_ratios=levers["prune_ratios"],
+                topk_sampling=bool(levers["topk_sampling"]),
             )
 
         f_hat = self._retry_out_of_memory(run, keep_rows=2 * prompt_embeds.shape[0])

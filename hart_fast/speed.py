@@ -17,6 +17,11 @@ path. The other presets combine levers, each also an option of its own:
   GEMMs (hart_fast.quantize).
 - `fp8_weights` (bool, CUDA compute capability 8.9+, fast path): the same
   projections as fp8 e4m3 GEMMs on the tensor cores (hart_fast.quantize).
+- `topk_sampling` (bool, any device): each token's draw and its `more_smooth`
+  Gumbel noise use random numbers for the top-k kept candidates only, not the
+  whole vocabulary (hart_fast.sampling). The same distribution (outside the
+  kept candidates the probabilities are exactly 0) from another random stream:
+  no quality cost, only other images for a seed.
 - `cpu_bf16` (bool, a float32 CPU pipeline): the transformer, the residual
   diffusion and the decoder in bfloat16 (a bfloat16 copy of the modules, made on
   first use). Only CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX)
@@ -43,8 +48,8 @@ import torch
 # Which levers each preset sets. Chosen from bench/speed_modes.py's table.
 SPEED_PRESETS: Dict[str, Dict[str, Any]] = {
     "exact": {},
-    "balanced": {"guidance_until": -1},
-    "fastest": {"guidance_until": -3, "prune_ratios": (0.5, 0.75), "diffusion_steps": 4},
+    "balanced": {"guidance_until": -1, "topk_sampling": True},
+    "fastest": {"guidance_until": -3, "prune_ratios": (0.5, 0.75), "diffusion_steps": 4, "topk_sampling": True},
 }
 # Levers a preset adds only where the pipeline has the named property (see
 # `pipeline_traits`): a lever that wins on one machine and loses on another.
@@ -52,8 +57,9 @@ HARDWARE_EXTRAS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "cpu_fast_path": {"balanced": {"int8_weights": True}, "fastest": {"int8_weights": True}},
     "cpu_native_bf16": {"balanced": {"cpu_bf16": True}, "fastest": {"cpu_bf16": True}},
 }
-LEVERS = ("guidance_until", "prune_ratios", "diffusion_steps", "int8_weights", "fp8_weights", "cpu_bf16")
-BOOL_LEVERS = ("int8_weights", "fp8_weights", "cpu_bf16")
+LEVERS = ("guidance_until", "prune_ratios", "diffusion_steps", "topk_sampling", "int8_weights", "fp8_weights",
+          "cpu_bf16")
+BOOL_LEVERS = ("topk_sampling", "int8_weights", "fp8_weights", "cpu_bf16")
 
 
 def check_speed(speed) -> str:

@@ -78,7 +78,8 @@ def test_batch_run_manifest_metadata_and_batch_size_independence(model, tmp_path
     meta = json.loads(Image.open(os.path.join(out, "000002.png")).text["hart_fast"])
     assert meta["prompt"] == "a cat" and meta["seed"] == 5 and meta["guidance_scale"] == 2.0
     assert meta["levers"] == {"guidance_until": None, "prune_ratios": None, "diffusion_steps": None,
-                              "int8_weights": None, "fp8_weights": None, "cpu_bf16": None}  # exact: no lever
+                              "topk_sampling": None, "int8_weights": None, "fp8_weights": None,
+                              "cpu_bf16": None}  # exact: no lever
     # Another batch size: the same codes per image (per-row streams); PNG pixels equal
     # up to float rounding of GEMMs over another row count (a rare 1/255 step).
     out1 = str(tmp_path / "o1")

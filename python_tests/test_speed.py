@@ -215,10 +215,78 @@ def test_prune_plan_follows_the_schedule():
     assert PrunePlan.build(PN, None) is None and PrunePlan.build(PN, (0.0,)) is None
 
 
+def _exponentials_drawn(g: torch.Generator, seed: int, limit: int = 1 << 16) -> int:
+    """How many exponential_ draws take a fresh generator of `seed` to g's state."""
+    fresh = torch.Generator().manual_seed(seed)
+    for n in range(limit):
+        if torch.equal(fresh.get_state(), g.get_state()):
+            return n
+        torch.empty(1).exponential_(generator=fresh)
+    raise AssertionError("state not reached")
+
+
+@pytest.mark.parametrize("B, l, V, k", [(1, 5, 64, 7), (3, 4, 50, 13), (2, 9, 33, 1)])
+def test_topk_sampling_draws_k_random_numbers_per_token(B, l, V, k):
+    from hart_fast.sampling import (filter_top_k_top_p_, gumbel_mix, gumbel_mix_topk, kept_candidates,
+                                    multinomial_sample_topk)
+
+    logits = filter_top_k_top_p_(torch.randn(B, l, V, generator=torch.Generator().manual_seed(V)), k, 0.0)
+    vals, idx = kept_candidates(logits, k)
+    gens = [torch.Generator().manual_seed(10 + b) for b in range(B)]
+    codes = multinomial_sample_topk(vals, idx, gens)
+    assert codes.shape == (B, l) and codes.dtype == torch.int64
+    assert torch.isfinite(logits.gather(-1, codes[..., None])).all()  # only kept candidates are drawn
+    assert [_exponentials_drawn(g, 10 + b) for b, g in enumerate(gens)] == [l * k] * B
+    # Row b's codes come from its own stream alone.
+    again = multinomial_sample_topk(vals[1:], idx[1:], [torch.Generator().manual_seed(10 + b) for b in range(1, B)])
+    assert torch.equal(again, codes[1:])
+    # The Gumbel mixture: k noises per token, weights only on the kept codes.
+    codebook = torch.randn(V, 6, dtype=torch.float64).float()
+    gens = [torch.Generator().manual_seed(20 + b) for b in range(B)]
+    h = gumbel_mix_topk(vals, idx, V, 0.4, codebook, gens)
+    assert h.shape == (B, l, 6) and [_exponentials_drawn(g, 20 + b) for b, g in enumerate(gens)] == [l * k] * B
+    if k == 1:  # one candidate: the mixture is that code's embedding, as in the dense mixture
+        dense = gumbel_mix(logits, 0.4, codebook, [torch.Generator().manual_seed(0) for _ in range(B)])
+        torch.testing.assert_close(h, codebook[idx[..., 0]], rtol=1e-6, atol=0)
+        torch.testing.assert_close(dense, h, rtol=1e-6, atol=0)
+
+
+def test_topk_sampling_has_the_multinomial_law():
+    """The draw over the kept candidates has the filtered softmax's distribution:
+    frequencies of 200,000 draws within 5 standard errors of the probabilities."""
+    from hart_fast.sampling import filter_top_k_top_p_, kept_candidates, multinomial_sample_topk
+
+    V, k, n = 40, 6, 200_000
+    logits = filter_top_k_top_p_(torch.randn(1, 1, V, generator=torch.Generator().manual_seed(1)) * 1.5, k, 0.0)
+    p = logits.softmax(-1).double().view(V)
+    vals, idx = kept_candidates(logits.expand(1, n, V).contiguous(), k)
+    codes = multinomial_sample_topk(vals, idx, torch.Generator().manual_seed(2)).view(-1)
+    freq = torch.bincount(codes, minlength=V).double() / n
+    se = (p * (1 - p) / n).sqrt()
+    assert (freq[p == 0] == 0).all()
+    assert ((freq - p).abs() <= 5 * se + 1e-12).all(), (freq, p)
+
+
+def test_topk_sampling_in_the_loop(model_dir):
+    """Deterministic for a seed on both backends, another image than the dense draw,
+    and a no-op when top-k keeps everything (the tiny model's V is below the
+    official schedule's 300-600, so top_k is set here)."""
+    kw = dict(seed=4, more_smooth=True, output_type="latent", topk_sampling=True, diffusion_steps="4", top_k=5)
+    for fast in (False, True):
+        pipe = HartPipeline.from_pretrained(model_dir, fast=fast)
+        ctx, mask = _prompts(pipe)
+        a = pipe.generate(ctx, mask, **kw)
+        assert torch.isfinite(a).all() and torch.equal(pipe.generate(ctx, mask, **kw), a)
+        assert not torch.equal(pipe.generate(ctx, mask, **dict(kw, topk_sampling=False)), a)
+        V = pipe.tokenizer.quantize.embedding.weight.shape[0]
+        everything = pipe.generate(ctx, mask, **dict(kw, top_k=V))
+        assert torch.equal(everything, pipe.generate(ctx, mask, **dict(kw, top_k=V, topk_sampling=False)))
+
+
 def test_presets_fill_only_unset_levers():
     assert resolve_levers("exact") == {k: None for k in LEVERS}
-    assert set(LEVERS) == {"guidance_until", "prune_ratios", "diffusion_steps", "int8_weights", "fp8_weights",
-                           "cpu_bf16"}
+    assert set(LEVERS) == {"guidance_until", "prune_ratios", "diffusion_steps", "topk_sampling", "int8_weights",
+                           "fp8_weights", "cpu_bf16"}
     fastest = resolve_levers("fastest")
     assert {k: fastest[k] for k in SPEED_PRESETS["fastest"]} == SPEED_PRESETS["fastest"]
     assert resolve_levers("fastest", guidance_until=3, diffusion_steps=8)["guidance_until"] == 3
