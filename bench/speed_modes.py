@@ -65,6 +65,8 @@ ROWS = [
     # ... and the presets without it (the same as speed=... on a CPU that emulates it).
     ("speed=balanced-cpu_bf16", {"speed": "balanced", "cpu_bf16": False}),
     ("speed=fastest-cpu_bf16", {"speed": "fastest", "cpu_bf16": False}),
+    # fastest without its pruning: what pruning costs in quality on a small model's small scales.
+    ("speed=fastest-prune", {"speed": "fastest", "prune_ratios": (0.0, 0.0)}),
 ]
 
 

@@ -121,7 +121,8 @@ class HartPipeline:
         """The speed levers a call runs with (hart_fast.speed.resolve_levers for this
         pipeline: the preset, its extras where this pipeline gains from them, and
         every explicit non-None lever)."""
-        return resolve_levers(speed, traits=pipeline_traits(self.device, self.dtype, self.fast), **explicit)
+        traits = pipeline_traits(self.device, self.dtype, self.fast, last_scale=self.config.patch_nums[-1])
+        return resolve_levers(speed, traits=traits, **explicit)
 
     @classmethod
     def from_pretrained(cls, model_dir, device="cpu", dtype=torch.float32, use_ema: Optional[bool] = None,

@@ -32,7 +32,8 @@ path. The other presets combine levers, each also an option of its own:
 A preset fills in only the levers the caller left unset (None): an explicit
 option always wins. Some levers a preset adds only where the pipeline gains from
 them (`HARDWARE_EXTRAS`: int8 weights on a CPU pipeline on the fast path,
-bfloat16 on a float32 CPU pipeline whose CPU has native bfloat16). Asked for
+bfloat16 on a float32 CPU pipeline whose CPU has native bfloat16, pruning in
+`fastest` for models whose last scale is at least MIN_PRUNED_LAST_SCALE wide). Asked for
 explicitly where it cannot run, a lever is an error naming the option. What each
 preset costs in quality and wins in time is measured by `bench/speed_modes.py`
 (BENCHMARKS.md, "Speed modes"); fp8 is not in a preset until a lent GPU has
@@ -49,13 +50,20 @@ import torch
 SPEED_PRESETS: Dict[str, Dict[str, Any]] = {
     "exact": {},
     "balanced": {"guidance_until": -1, "topk_sampling": True},
-    "fastest": {"guidance_until": -3, "prune_ratios": (0.5, 0.75), "diffusion_steps": 4, "topk_sampling": True},
+    "fastest": {"guidance_until": -3, "diffusion_steps": 4, "topk_sampling": True},
 }
+# A preset prunes only models whose last scale is at least this wide. FastVAR
+# prunes HART's 48x48 and 64x64 scales, where most tokens are fine detail; on the
+# trained demo (6x6 and 8x8, every token a sizeable part of the picture) pruning
+# halved the judge's colour and position accuracy (BENCHMARKS.md, "Speed modes").
+MIN_PRUNED_LAST_SCALE = 16
 # Levers a preset adds only where the pipeline has the named property (see
 # `pipeline_traits`): a lever that wins on one machine and loses on another.
+# (The name is historical: `large_scales` is the model's property, not the machine's.)
 HARDWARE_EXTRAS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "cpu_fast_path": {"balanced": {"int8_weights": True}, "fastest": {"int8_weights": True}},
     "cpu_native_bf16": {"balanced": {"cpu_bf16": True}, "fastest": {"cpu_bf16": True}},
+    "large_scales": {"fastest": {"prune_ratios": (0.5, 0.75)}},
 }
 LEVERS = ("guidance_until", "prune_ratios", "diffusion_steps", "topk_sampling", "int8_weights", "fp8_weights",
           "cpu_bf16")
@@ -83,9 +91,12 @@ def cpu_native_bf16() -> bool:
     return any(bool(p()) for p in probes if p is not None)
 
 
-def pipeline_traits(device: torch.device, dtype: torch.dtype, fast: bool) -> frozenset:
-    """The HARDWARE_EXTRAS keys a pipeline on (device, dtype, fast) has."""
+def pipeline_traits(device: torch.device, dtype: torch.dtype, fast: bool, last_scale: int = 0) -> frozenset:
+    """The HARDWARE_EXTRAS keys a pipeline on (device, dtype, fast) has, whose model's
+    last scale is `last_scale` tokens wide."""
     traits = set()
+    if last_scale >= MIN_PRUNED_LAST_SCALE:
+        traits.add("large_scales")
     if device.type == "cpu" and fast:
         traits.add("cpu_fast_path")
     if device.type == "cpu" and dtype == torch.float32 and cpu_native_bf16():
@@ -135,5 +146,5 @@ def resolve_levers(speed: str = "exact", *, traits: Collection[str] = (), **expl
     return levers
 
 
-__all__ = ["BOOL_LEVERS", "HARDWARE_EXTRAS", "LEVERS", "SPEED_PRESETS", "check_bool_levers", "check_levers_where",
+__all__ = ["BOOL_LEVERS", "HARDWARE_EXTRAS", "LEVERS", "MIN_PRUNED_LAST_SCALE", "SPEED_PRESETS", "check_bool_levers", "check_levers_where",
            "check_speed", "cpu_native_bf16", "pipeline_traits", "resolve_levers"]

@@ -438,6 +438,11 @@ def test_hardware_extras_follow_the_pipeline(monkeypatch):
     assert speed.pipeline_traits(torch.device("cpu"), torch.bfloat16, True) == {"cpu_fast_path"}
     assert speed.pipeline_traits(torch.device("cuda"), torch.float32, True) == frozenset()
     assert speed.pipeline_traits(torch.device("cpu"), torch.float32, False) == {"cpu_native_bf16"}
+    # fastest prunes models with large last scales only (HART's 64, the medium 16; not the demo's 8).
+    for last, pruned in ((8, False), (speed.MIN_PRUNED_LAST_SCALE, True), (64, True)):
+        traits = speed.pipeline_traits(torch.device("cuda"), torch.float16, True, last_scale=last)
+        assert resolve_levers("fastest", traits=traits)["prune_ratios"] == ((0.5, 0.75) if pruned else None)
+        assert resolve_levers("balanced", traits=traits)["prune_ratios"] is None
     with pytest.raises(TypeError, match="unknown speed lever"):
         resolve_levers("fastest", warp_drive=True)
 
