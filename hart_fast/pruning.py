@@ -25,10 +25,10 @@ schedule, the default).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 DEFAULT_RATIOS: Tuple[float, ...] = (0.5, 0.75)
 
@@ -98,14 +98,38 @@ def gather_tokens(x_BlC: torch.Tensor, idx_Bn: torch.Tensor) -> torch.Tensor:
     return torch.gather(x_BlC, 1, idx_Bn.unsqueeze(-1).expand(-1, -1, x_BlC.shape[-1]))
 
 
+@functools.lru_cache(maxsize=64)
+def _area_matrix(r: int, pn: int) -> torch.Tensor:
+    """(pn*pn, r*r) float32: the area resize of an r x r map to pn x pn
+    (F.interpolate mode="area", i.e. adaptive average pooling) as one linear map
+    on row-major tokens. Output i of an axis averages inputs floor(i*r/pn) ..
+    ceil((i+1)*r/pn) - 1; the 2-D average over a window is separable."""
+    A = torch.zeros(pn, r, dtype=torch.float64)
+    for i in range(pn):
+        lo, hi = (i * r) // pn, -(-((i + 1) * r) // pn)
+        A[i, lo:hi] = 1.0 / (hi - lo)
+    return torch.kron(A, A).float()
+
+
+def area_resize_tokens(ref_BrC: torch.Tensor, pn: int) -> torch.Tensor:
+    """(B, r*r, C) tokens of an r x r map -> (B, pn*pn, C) float32, area-resized.
+
+    One GEMM with the cached resize matrix, on the token layout as it is: the
+    channels-first adaptive_avg_pool2d it replaces cost ~0.6 ms per call at
+    (512 channels, 10 -> 16) on a 2-core CPU, 32 calls an image on the medium
+    config. Agrees with F.interpolate(mode="area") to float32 rounding.
+    """
+    r = int(round(ref_BrC.shape[1] ** 0.5))
+    if r == pn:
+        return ref_BrC.to(torch.float32, copy=True)  # restore scatters into it
+    return _area_matrix(r, pn).to(ref_BrC.device) @ ref_BrC.float()
+
+
 def restore(ref_BrC: torch.Tensor, kept_BnC: torch.Tensor, idx_Bn: torch.Tensor, pn: int) -> torch.Tensor:
     """A sub-layer's full (B, pn*pn, C) output: the reference scale's output
     area-resized to pn x pn, with the kept tokens' own outputs scattered in."""
-    B, r2, C = ref_BrC.shape
-    r = int(round(r2 ** 0.5))
-    grid = ref_BrC.transpose(1, 2).reshape(B, C, r, r).float()
-    full = F.interpolate(grid, size=(pn, pn), mode="area").reshape(B, C, pn * pn).transpose(1, 2)
-    full = full.to(kept_BnC.dtype).contiguous()
+    C = ref_BrC.shape[-1]
+    full = area_resize_tokens(ref_BrC, pn).to(kept_BnC.dtype)
     return full.scatter_(1, idx_Bn.unsqueeze(-1).expand(-1, -1, C), kept_BnC)
 
 

@@ -209,6 +209,26 @@ def test_pivotal_tokens_and_restore():
     assert out[0, 5].abs().sum() == 0 and torch.all(out[0, [0, 4, 15]] == 2.5)
 
 
+@pytest.mark.parametrize("r, pn", [(10, 13), (10, 16), (3, 8), (5, 7), (4, 4), (7, 3)])
+def test_area_resize_tokens_is_the_area_interpolation(r, pn):
+    import torch.nn.functional as F
+
+    from hart_fast.pruning import area_resize_tokens
+
+    B, C = 2, 9
+    ref = torch.randn(B, r * r, C, generator=torch.Generator().manual_seed(r * 31 + pn), dtype=torch.float64)
+    want = F.interpolate(ref.transpose(1, 2).reshape(B, C, r, r), size=(pn, pn), mode="area")
+    want = want.reshape(B, C, pn * pn).transpose(1, 2)
+    got = area_resize_tokens(ref.float(), pn)
+    assert got.dtype == torch.float32 and got.shape == (B, pn * pn, C)
+    # float32 rounding of a short average (<= 4 x 4 inputs): a few ulps of the largest input.
+    ulp = torch.finfo(torch.float32).eps * ref.abs().max().item()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=8 * ulp)
+    before = ref.float()
+    restore(before, torch.zeros(B, 1, C), torch.zeros(B, 1, dtype=torch.int64), pn)
+    assert torch.equal(before, ref.float())  # the reference outputs are not written to
+
+
 def test_prune_plan_follows_the_schedule():
     plan = PrunePlan.build([1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 21, 27, 36, 48, 64], (0.5, 0.75))
     assert plan.keep == {13: 48 * 48 // 2, 14: 64 * 64 // 4} and plan.reference_stage == 12
