@@ -67,6 +67,9 @@ ROWS = [
     ("speed=fastest-cpu_bf16", {"speed": "fastest", "cpu_bf16": False}),
     # fastest without its pruning: what pruning costs in quality on a small model's small scales.
     ("speed=fastest-prune", {"speed": "fastest", "prune_ratios": (0.0, 0.0)}),
+    # ... and without int8 projections (with cpu_bf16 the rest of the pipeline is bfloat16).
+    ("speed=balanced-int8", {"speed": "balanced", "int8_weights": False}),
+    ("speed=fastest-int8", {"speed": "fastest", "int8_weights": False}),
 ]
 
 

@@ -26,13 +26,14 @@ path. The other presets combine levers, each also an option of its own:
   diffusion and the decoder in bfloat16 (a bfloat16 copy of the modules, made on
   first use). Only CPUs with native bfloat16 arithmetic (AVX512-BF16 or AMX)
   gain from it; elsewhere torch emulates it and it is slower than float32. With
-  int8_weights too (as in the presets on a CPU) the projections run int8 from
-  the bfloat16 weights, and everything else in bfloat16.
+  int8_weights too (explicitly; the presets add one or the other) the
+  projections run int8 from the bfloat16 weights, and everything else in
+  bfloat16.
 
 A preset fills in only the levers the caller left unset (None): an explicit
 option always wins. Some levers a preset adds only where the pipeline gains from
 them (`HARDWARE_EXTRAS`: int8 weights on a CPU pipeline on the fast path,
-bfloat16 on a float32 CPU pipeline whose CPU has native bfloat16, pruning in
+bfloat16 instead on a float32 CPU pipeline whose CPU has native bfloat16, pruning in
 `fastest` for models whose last scale is at least MIN_PRUNED_LAST_SCALE wide). Asked for
 explicitly where it cannot run, a lever is an error naming the option. What each
 preset costs in quality and wins in time is measured by `bench/speed_modes.py`
@@ -62,7 +63,12 @@ MIN_PRUNED_LAST_SCALE = 16
 # (The name is historical: `large_scales` is the model's property, not the machine's.)
 HARDWARE_EXTRAS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "cpu_fast_path": {"balanced": {"int8_weights": True}, "fastest": {"int8_weights": True}},
-    "cpu_native_bf16": {"balanced": {"cpu_bf16": True}, "fastest": {"cpu_bf16": True}},
+    # With bfloat16 the projections stay bfloat16 GEMMs (AMX / AVX512-BF16) rather than
+    # int8 ones, which take float32 inputs: as fast at batch 1, faster at batch 4-16,
+    # and one approximation fewer (BENCHMARKS.md, "On a CPU with native bfloat16").
+    # The traits apply in sorted order, so this False overrides cpu_fast_path's True.
+    "cpu_native_bf16": {"balanced": {"cpu_bf16": True, "int8_weights": False},
+                        "fastest": {"cpu_bf16": True, "int8_weights": False}},
     "large_scales": {"fastest": {"prune_ratios": (0.5, 0.75)}},
 }
 LEVERS = ("guidance_until", "prune_ratios", "diffusion_steps", "topk_sampling", "int8_weights", "fp8_weights",

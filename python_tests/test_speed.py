@@ -364,7 +364,10 @@ def test_cli_speed_mode_is_recorded_and_reproducible(tmp_path):
     assert meta["speed"] == "fastest" and meta["prune_ratios"] == [0.5, 0.75]
     # What the preset resolved to on this machine (its extras depend on the CPU).
     assert meta["levers"]["guidance_until"] == -3 and meta["levers"]["diffusion_steps"] == 4
-    assert meta["levers"]["int8_weights"] is True
+    from hart_fast.speed import cpu_native_bf16
+
+    # int8 projections on the CPU fast path, or bfloat16 ones where the CPU has native bfloat16.
+    assert meta["levers"]["int8_weights"] is (not cpu_native_bf16())
     again = hart_fast.generate(prompt, seed=meta["seed"], speed="fastest", prune_ratios=(0.5, 0.75))
     exact = hart_fast.generate(prompt, seed=meta["seed"])
     assert np.array_equal(np.asarray(again), np.asarray(im.convert("RGB")))
@@ -432,7 +435,8 @@ def test_int8_weights_where_they_cannot_run(model_dir):
 
     levers = ref.levers("fastest")
     on = {k: v for k, v in levers.items() if v is not None}
-    assert on == {**SPEED_PRESETS["fastest"], **({"cpu_bf16": True} if cpu_native_bf16() else {})}
+    extras = {"cpu_bf16": True, "int8_weights": False} if cpu_native_bf16() else {}
+    assert on == {**SPEED_PRESETS["fastest"], **extras}
     assert torch.equal(ref.generate(ctx, mask, seed=1, speed="fastest"), ref.generate(ctx, mask, seed=1, **levers))
     fast = HartPipeline.from_pretrained(model_dir, fast=True)
     fast.device = torch.device("cuda")  # validation only: nothing runs
@@ -450,7 +454,8 @@ def test_hardware_extras_follow_the_pipeline(monkeypatch):
         traits = speed.pipeline_traits(torch.device("cpu"), torch.float32, True)
         assert ("cpu_native_bf16" in traits) == native and "cpu_fast_path" in traits
         fastest = resolve_levers("fastest", traits=traits)
-        assert fastest["int8_weights"] is True and fastest["cpu_bf16"] is (True if native else None)
+        # Native bfloat16 replaces the int8 projections with bfloat16 ones.
+        assert fastest["int8_weights"] is (not native) and fastest["cpu_bf16"] is (True if native else None)
         assert resolve_levers("exact", traits=traits) == {k: None for k in LEVERS}
         # An explicit False wins over the preset's extra.
         assert resolve_levers("fastest", traits=traits, cpu_bf16=False)["cpu_bf16"] is False
