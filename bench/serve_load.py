@@ -141,8 +141,8 @@ def main():
         # 4x the requests: the p99 of 96 latencies would be their maximum.
         half_lat, half_codes = asyncio.run(open_loop(srv.url, thr / 2, 4 * args.requests))
         rows.append(("half load, open loop", f"{thr / 2:.1f} req/s", "", f"{statistics.median(half_lat) * 1e3:.0f}",
-                     f"{pct(half_lat, 0.99) * 1e3:.0f}", f"p99/p50 {pct(half_lat, 0.99) / statistics.median(half_lat):.2f}"
-                     f" ({len(half_lat)} requests)"))
+                     f"{pct(half_lat, 0.99) * 1e3:.0f}",
+                     f"p99/p50 {pct(half_lat, 0.99) / statistics.median(half_lat):.2f} ({len(half_lat)} requests)"))
     finally:
         srv.stop()
     small = Server(max_batch=16, max_queue=16)

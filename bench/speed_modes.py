@@ -62,7 +62,8 @@ ROWS = [
     ("cpu_bf16", {"cpu_bf16": True}),
     ("speed=balanced+cpu_bf16", {"speed": "balanced", "cpu_bf16": True}),
     ("speed=fastest+cpu_bf16", {"speed": "fastest", "cpu_bf16": True}),
-    # ... and the presets without it (the same as speed=... on a CPU that emulates it).
+    # ... and the presets without it (on a native-bf16 CPU also without int8, which the
+    # presets drop there; elsewhere the same as speed=...).
     ("speed=balanced-cpu_bf16", {"speed": "balanced", "cpu_bf16": False}),
     ("speed=fastest-cpu_bf16", {"speed": "fastest", "cpu_bf16": False}),
     # fastest without its pruning: what pruning costs in quality on a small model's small scales.

@@ -276,9 +276,10 @@ def generate(
     hart_fast.speed) and its levers guidance_until=None (CFG on the first g scales
     only), prune_ratios=None (token pruning at the last scales, e.g. (0.5, 0.75)),
     topk_sampling=None (draw each token over the top-k candidates only: the same
-    distribution from fewer random numbers), int8_weights=None (CPU: int8 transformer projections), fp8_weights=None (CUDA
-    compute capability 8.9+: fp8 projections) and cpu_bf16=None (run a float32 CPU
-    pipeline in bfloat16; a gain only where the CPU has native bfloat16).
+    distribution from fewer random numbers), int8_weights=None (CPU: int8
+    transformer projections), fp8_weights=None (CUDA compute capability 8.9+:
+    fp8 projections) and cpu_bf16=None (run a float32 CPU pipeline in bfloat16; a
+    gain only where the CPU has native bfloat16).
     Image k of the run (prompt-major) uses seed + k, whatever `batch_size`: an
     image depends on its own prompt, seed and settings only.
     Returns a list of PIL images ("pil", the default) or an (N, 3, H, W) float

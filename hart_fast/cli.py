@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--budget-min", type=float, default=None, help="minutes of training (the gpu profile's budget)")
     td.add_argument("--device", default=None, help="override the profile's device")
     td.add_argument("--tok-phase1", choices=["plain", "objects"], default=None,
-                    help="the tokenizer's first phase: the object-weighted crowded stream (default) or plain captioned scenes")
+                    help="the tokenizer's first phase: the object-weighted crowded stream (default) or plain "
+                         "captioned scenes")
     td.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     tf = tsub.add_parser("finetune", help="fine-tune the transformer of an official-layout folder")
     tf.add_argument("--init", required=True, help="the HART folder to start from (with encoder weights)")

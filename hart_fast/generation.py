@@ -52,8 +52,8 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from hart_fast.pruning import PrunePlan
-from hart_fast.sampling import (cfg_combine, cfg_ratio, gumbel_mix, gumbel_mix_topk, kept_candidates, multinomial_sample,
-                                multinomial_sample_topk, official_top_k)
+from hart_fast.sampling import (cfg_combine, cfg_ratio, gumbel_mix, gumbel_mix_topk, kept_candidates,
+                                multinomial_sample, multinomial_sample_topk, official_top_k)
 
 TokenSampler = Callable[[int, torch.Tensor], torch.Tensor]
 

@@ -207,9 +207,9 @@ class HartPipeline:
         speed: 'exact' (the official algorithm), 'balanced' or 'fastest', presets of
         the levers in hart_fast.speed: guidance_until (CFG on the first g scales
         only), prune_ratios (token pruning at the last scales), diffusion_steps,
-        topk_sampling (each draw over the top-k candidates only), int8_weights (CPU), fp8_weights (CUDA, compute capability 8.9+) and cpu_bf16
-        (a float32 CPU pipeline run in bfloat16); an explicit lever overrides the
-        preset's.
+        topk_sampling (each draw over the top-k candidates only), int8_weights
+        (CPU), fp8_weights (CUDA, compute capability 8.9+) and cpu_bf16 (a float32
+        CPU pipeline run in bfloat16); an explicit lever overrides the preset's.
         trace, a dict, receives the loop's intermediate tensors (hart_fast.generation);
         diffusion_noise_fn(shape) replaces the residual diffusion's Gaussian draws.
         Returns (B, 3, H, W) float in [0, 1] ("pt"), a list of PIL images ("pil")

@@ -99,16 +99,16 @@ def gather_tokens(x_BlC: torch.Tensor, idx_Bn: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _area_matrix(r: int, pn: int) -> torch.Tensor:
-    """(pn*pn, r*r) float32: the area resize of an r x r map to pn x pn
-    (F.interpolate mode="area", i.e. adaptive average pooling) as one linear map
-    on row-major tokens. Output i of an axis averages inputs floor(i*r/pn) ..
+def _area_matrix(r: int, pn: int, device: torch.device) -> torch.Tensor:
+    """(pn*pn, r*r) float32 on `device`, cached there (no host copy per call): the
+    area resize of an r x r map to pn x pn (F.interpolate mode="area", i.e.
+    adaptive average pooling) as one linear map on row-major tokens. Output i of an axis averages inputs floor(i*r/pn) ..
     ceil((i+1)*r/pn) - 1; the 2-D average over a window is separable."""
     A = torch.zeros(pn, r, dtype=torch.float64)
     for i in range(pn):
         lo, hi = (i * r) // pn, -(-((i + 1) * r) // pn)
         A[i, lo:hi] = 1.0 / (hi - lo)
-    return torch.kron(A, A).float()
+    return torch.kron(A, A).float().to(device)
 
 
 def area_resize_tokens(ref_BrC: torch.Tensor, pn: int) -> torch.Tensor:
@@ -122,7 +122,7 @@ def area_resize_tokens(ref_BrC: torch.Tensor, pn: int) -> torch.Tensor:
     r = int(round(ref_BrC.shape[1] ** 0.5))
     if r == pn:
         return ref_BrC.to(torch.float32, copy=True)  # restore scatters into it
-    return _area_matrix(r, pn).to(ref_BrC.device) @ ref_BrC.float()
+    return _area_matrix(r, pn, ref_BrC.device) @ ref_BrC.float()
 
 
 def restore(ref_BrC: torch.Tensor, kept_BnC: torch.Tensor, idx_Bn: torch.Tensor, pn: int) -> torch.Tensor:

@@ -100,9 +100,7 @@ def multinomial_sample_topk(vals_Blk: torch.Tensor, idx_Blk: torch.Tensor, gener
 def gumbel_mix_topk(vals_Blk, idx_Blk, V: int, ratio: float, codebook_VC, generator) -> torch.Tensor:
     """gumbel_mix with the Gumbel noise drawn for the kept candidates only: the
     softmax over the others is exactly 0 there, so the mixture is the same in law."""
-    tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-    noise = _exponential(vals_Blk, generator)
-    soft_Blk = ((vals_Blk.mul(1 + ratio) - noise.log()) / tau).softmax(-1)
+    soft_Blk = gumbel_softmax(vals_Blk.mul(1 + ratio), gumbel_tau(ratio), generator)
     soft_BlV = torch.zeros(*vals_Blk.shape[:-1], V, dtype=soft_Blk.dtype, device=soft_Blk.device)
     return soft_BlV.scatter_(-1, idx_Blk, soft_Blk) @ codebook_VC.unsqueeze(0)
 
@@ -113,10 +111,14 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, generator: Generators) -> t
     return ((logits - _exponential(logits, generator).log()) / tau).softmax(-1)
 
 
+def gumbel_tau(ratio: float) -> float:
+    """The official `more_smooth` temperature at a stage's cfg ratio."""
+    return max(0.27 * (1 - ratio * 0.95), 0.005)
+
+
 def gumbel_mix(logits_BlV, ratio: float, codebook_VC, generator) -> torch.Tensor:
     """`more_smooth`: the Gumbel-softmax mixture of code embeddings, (B, l, Cvae)."""
-    tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-    soft = gumbel_softmax(logits_BlV.mul(1 + ratio), tau, generator)
+    soft = gumbel_softmax(logits_BlV.mul(1 + ratio), gumbel_tau(ratio), generator)
     return soft @ codebook_VC.unsqueeze(0)
 
 

@@ -33,8 +33,9 @@ path. The other presets combine levers, each also an option of its own:
 A preset fills in only the levers the caller left unset (None): an explicit
 option always wins. Some levers a preset adds only where the pipeline gains from
 them (`HARDWARE_EXTRAS`: int8 weights on a CPU pipeline on the fast path,
-bfloat16 instead on a float32 CPU pipeline whose CPU has native bfloat16, pruning in
-`fastest` for models whose last scale is at least MIN_PRUNED_LAST_SCALE wide). Asked for
+bfloat16 instead on a float32 CPU pipeline whose CPU has native bfloat16,
+pruning in `fastest` for models whose last scale is at least
+MIN_PRUNED_LAST_SCALE wide). Asked for
 explicitly where it cannot run, a lever is an error naming the option. What each
 preset costs in quality and wins in time is measured by `bench/speed_modes.py`
 (BENCHMARKS.md, "Speed modes"); fp8 is not in a preset until a lent GPU has
@@ -152,5 +153,5 @@ def resolve_levers(speed: str = "exact", *, traits: Collection[str] = (), **expl
     return levers
 
 
-__all__ = ["BOOL_LEVERS", "HARDWARE_EXTRAS", "LEVERS", "MIN_PRUNED_LAST_SCALE", "SPEED_PRESETS", "check_bool_levers", "check_levers_where",
-           "check_speed", "cpu_native_bf16", "pipeline_traits", "resolve_levers"]
+__all__ = ["BOOL_LEVERS", "HARDWARE_EXTRAS", "LEVERS", "MIN_PRUNED_LAST_SCALE", "SPEED_PRESETS", "check_bool_levers",
+           "check_levers_where", "check_speed", "cpu_native_bf16", "pipeline_traits", "resolve_levers"]
