@@ -102,8 +102,9 @@ def gather_tokens(x_BlC: torch.Tensor, idx_Bn: torch.Tensor) -> torch.Tensor:
 def _area_matrix(r: int, pn: int, device: torch.device) -> torch.Tensor:
     """(pn*pn, r*r) float32 on `device`, cached there (no host copy per call): the
     area resize of an r x r map to pn x pn (F.interpolate mode="area", i.e.
-    adaptive average pooling) as one linear map on row-major tokens. Output i of an axis averages inputs floor(i*r/pn) ..
-    ceil((i+1)*r/pn) - 1; the 2-D average over a window is separable."""
+    adaptive average pooling) as one linear map on row-major tokens. Output i of
+    an axis averages inputs floor(i*r/pn) .. ceil((i+1)*r/pn) - 1; the 2-D
+    average over a window is separable."""
     A = torch.zeros(pn, r, dtype=torch.float64)
     for i in range(pn):
         lo, hi = (i * r) // pn, -(-((i + 1) * r) // pn)
