@@ -58,7 +58,7 @@ ROWS = [
     ("speed=balanced", {"speed": "balanced"}),
     ("speed=fastest", {"speed": "fastest"}),
     # What a CPU with native bfloat16 (AVX512-BF16 / AMX) adds to the presets
-    # (hart_fast.speed.HARDWARE_EXTRAS); elsewhere torch emulates bfloat16.
+    # (hart_fast.speed.PRESET_EXTRAS); elsewhere torch emulates bfloat16.
     ("cpu_bf16", {"cpu_bf16": True}),
     ("speed=balanced+cpu_bf16", {"speed": "balanced", "cpu_bf16": True}),
     ("speed=fastest+cpu_bf16", {"speed": "fastest", "cpu_bf16": True}),
@@ -131,6 +131,12 @@ def quality_table(n_prompts, images):
         lines.append(f"| {name} | " + " | ".join(f"{100 * acc[a]:.1f}" for a in (*ATTRIBUTES, "all"))
                      + f" | {psnr} | {ssim} |")
         print(f"  quality {name}: {acc}", file=sys.stderr)
+    # Rows differ in their random draws (topk_sampling, fewer steps), so a row's
+    # difference from exact has the sampling error of two independent proportions:
+    # at most sqrt(2 * 0.25 / n).
+    n = len(expanded)
+    lines += ["", f"{n} images a row: one standard error of a row's difference from exact is at most "
+              f"{100 * (0.5 / n) ** 0.5:.1f} points."]
     return "\n".join(lines)
 
 

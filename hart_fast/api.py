@@ -63,7 +63,7 @@ class GenerationSettings:
 
     def resolved_levers(self, pipe) -> Dict[str, Any]:
         """The levers `pipe` runs these settings with (a preset's extras depend on the
-        machine: hart_fast.speed.HARDWARE_EXTRAS), for PNG metadata: they say what ran.
+        machine: hart_fast.speed.PRESET_EXTRAS), for PNG metadata: they say what ran.
         Passed explicitly on another kind of machine they rerun the same algorithm,
         not always the same pixels (int8 and bfloat16 kernels round differently
         from one CPU to another)."""

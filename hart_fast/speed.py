@@ -32,7 +32,7 @@ path. The other presets combine levers, each also an option of its own:
 
 A preset fills in only the levers the caller left unset (None): an explicit
 option always wins. Some levers a preset adds only where the pipeline gains from
-them (`HARDWARE_EXTRAS`: int8 weights on a CPU pipeline on the fast path,
+them (`PRESET_EXTRAS`: int8 weights on a CPU pipeline on the fast path,
 bfloat16 instead on a float32 CPU pipeline whose CPU has native bfloat16,
 pruning in `fastest` for models whose last scale is at least
 MIN_PRUNED_LAST_SCALE wide). Asked for
@@ -59,10 +59,10 @@ SPEED_PRESETS: Dict[str, Dict[str, Any]] = {
 # trained demo (6x6 and 8x8, every token a sizeable part of the picture) pruning
 # halved the judge's colour and position accuracy (BENCHMARKS.md, "Speed modes").
 MIN_PRUNED_LAST_SCALE = 16
-# Levers a preset adds only where the pipeline has the named property (see
-# `pipeline_traits`): a lever that wins on one machine and loses on another.
-# (The name is historical: `large_scales` is the model's property, not the machine's.)
-HARDWARE_EXTRAS: Dict[str, Dict[str, Dict[str, Any]]] = {
+# Levers a preset adds only where the pipeline has the named trait (see
+# `pipeline_traits`): a property of the machine (a lever that wins on one CPU and
+# loses on another) or of the model (`large_scales`).
+PRESET_EXTRAS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "cpu_fast_path": {"balanced": {"int8_weights": True}, "fastest": {"int8_weights": True}},
     # With bfloat16 the projections stay bfloat16 GEMMs (AMX / AVX512-BF16) rather than
     # int8 ones, which take float32 inputs: as fast at batch 1, faster at batch 4-16,
@@ -99,7 +99,7 @@ def cpu_native_bf16() -> bool:
 
 
 def pipeline_traits(device: torch.device, dtype: torch.dtype, fast: bool, last_scale: int = 0) -> frozenset:
-    """The HARDWARE_EXTRAS keys a pipeline on (device, dtype, fast) has, whose model's
+    """The PRESET_EXTRAS keys a pipeline on (device, dtype, fast) has, whose model's
     last scale is `last_scale` tokens wide."""
     traits = set()
     if last_scale >= MIN_PRUNED_LAST_SCALE:
@@ -140,7 +140,7 @@ def check_levers_where(levers: Dict[str, Any], device, dtype=None, fast: Optiona
 
 
 def resolve_levers(speed: str = "exact", *, traits: Collection[str] = (), **explicit) -> Dict[str, Any]:
-    """The levers a call runs with: the preset's (with the HARDWARE_EXTRAS of every
+    """The levers a call runs with: the preset's (with the PRESET_EXTRAS of every
     trait the pipeline has), overridden by every explicit (non-None) lever."""
     unknown = set(explicit) - set(LEVERS)
     if unknown:
@@ -148,10 +148,10 @@ def resolve_levers(speed: str = "exact", *, traits: Collection[str] = (), **expl
     levers: Dict[str, Any] = {k: None for k in LEVERS}
     levers.update(SPEED_PRESETS[check_speed(speed)])
     for trait in sorted(traits):
-        levers.update(HARDWARE_EXTRAS[trait].get(speed, {}))
+        levers.update(PRESET_EXTRAS[trait].get(speed, {}))
     levers.update({k: v for k, v in explicit.items() if v is not None})
     return levers
 
 
-__all__ = ["BOOL_LEVERS", "HARDWARE_EXTRAS", "LEVERS", "MIN_PRUNED_LAST_SCALE", "SPEED_PRESETS", "check_bool_levers",
+__all__ = ["BOOL_LEVERS", "LEVERS", "MIN_PRUNED_LAST_SCALE", "PRESET_EXTRAS", "SPEED_PRESETS", "check_bool_levers",
            "check_levers_where", "check_speed", "cpu_native_bf16", "pipeline_traits", "resolve_levers"]

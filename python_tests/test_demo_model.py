@@ -70,7 +70,7 @@ def test_the_prompt_matters(held_out_run):
 
 
 # The presets as this machine runs them, and fastest as a CPU with native bfloat16
-# runs it (with cpu_bf16, hart_fast.speed.HARDWARE_EXTRAS), whatever this CPU is.
+# runs it (with cpu_bf16, hart_fast.speed.PRESET_EXTRAS), whatever this CPU is.
 @pytest.mark.parametrize("speed, extra", [(s, {}) for s in sorted(PRESET_FLOORS)] + [("fastest", {"cpu_bf16": True})],
                          ids=[*sorted(PRESET_FLOORS), "fastest-cpu_bf16"])
 def test_speed_presets_keep_following_held_out_prompts(speed, extra):
