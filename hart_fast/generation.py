@@ -107,12 +107,14 @@ def generate_latent(tr, tok, backend, prompt_embeds, prompt_mask, *, guidance_sc
         # topk_sampling: random numbers for the k kept candidates only (same law).
         sparse = topk_sampling and 0 < k < raw.shape[-1]
         if token_sampler is None:
-            logits = backend.guide(raw, t, k, top_p)
-            if sparse:
-                kept = kept_candidates(logits, k)
-                idx_Bl = multinomial_sample_topk(*kept, generators)
+            if sparse and t is None and not top_p > 0:
+                # Unguided, no top-p: the kept candidates are the raw logits' top k
+                # (top-k filtering first would only mask what topk drops anyway).
+                kept = kept_candidates(raw, k)
             else:
-                idx_Bl = multinomial_sample(logits, generators)
+                logits = backend.guide(raw, t, k, top_p)
+                kept = kept_candidates(logits, k) if sparse else None
+            idx_Bl = multinomial_sample_topk(*kept, generators) if sparse else multinomial_sample(logits, generators)
         else:
             idx_Bl = _call_token_sampler(token_sampler, si, cfg_combine(raw, t) if guided else raw)
             logits = backend.guide(raw, t, k, top_p) if more_smooth else None  # Gumbel sees filtered logits

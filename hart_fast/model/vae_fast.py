@@ -94,7 +94,9 @@ class FastDecoder(nn.Module):
     def _resnet(blk: ResnetBlock, x: torch.Tensor) -> torch.Tensor:
         h = blk.conv1(_norm(blk.norm1, x, True))
         h = blk.conv2(_norm(blk.norm2, h, True))
-        return blk.nin_shortcut(x) + h
+        # In place into conv2's fresh output (the same bits: IEEE addition commutes):
+        # at 256 px and up an out-of-place sum is a new activation-sized buffer.
+        return h.add_(blk.nin_shortcut(x))
 
     @staticmethod
     def _attn(blk: AttnBlock, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +111,7 @@ class FastDecoder(nn.Module):
         h = o[:, 0].reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last strides
         if x.is_contiguous():  # NCHW run: give proj_out an NCHW input like x
             h = h.contiguous()
-        return x + blk.proj_out(h)
+        return blk.proj_out(h).add_(x)
 
     @torch.no_grad()
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, z_channels, h, w) -> (B, 3, H, W)
