@@ -68,10 +68,11 @@ class Recipe:
     # the start, which learns the objects far sooner: BENCHMARKS.md, tokenizer variants)
     # or "plain" (captioned scenes, unweighted: the first embedded model's recipe).
     tok_phase1: str = "objects"
-    # 8,000 scenes and 3,000 steps: at 6,000 / 2,000 the transformer still underfit (its
-    # loss was falling and seen and held-out prompts scored alike).
-    tr_scenes: int = 8000
-    tr_steps: int = 3000
+    # 24,000 scenes and 8,000 steps (the fourth embedded model): at 8,000 / 3,000 the
+    # transformer still underfit (its loss falling at the end; BENCHMARKS.md, "Fourth
+    # model"); the same ~11 passes over the scenes as then.
+    tr_scenes: int = 24000
+    tr_steps: int = 8000
     tr_batch: int = 32
     tr_lr: float = 1e-3
     device: str = "cpu"
@@ -89,12 +90,12 @@ class Recipe:
 BUDGET_SHARES = {"tokenizer": 0.45, "tokenizer_objects": 0.2, "transformer": 0.35}
 
 PROFILES: Dict[str, Recipe] = {
-    # The recipe of the embedded model (BENCHMARKS.md, "Third model"): 46-70 minutes on
-    # 2 CPU cores, depending on the CPU.
+    # The recipe of the embedded model (BENCHMARKS.md, "Fourth model"): about 80-120
+    # minutes on 2 CPU cores, depending on the CPU.
     "cpu": Recipe(),
     # A lent GPU's minutes. Batches 8x / 8x, learning rates up by about sqrt of that,
-    # 100k encoded scenes for the transformer (the CPU recipe's 6,000 are seen ~10
-    # times each in 2,000 steps; a GPU would see them hundreds of times).
+    # 100k encoded scenes for the transformer (the CPU recipe's 24,000 are seen ~11
+    # times each in 8,000 steps; a GPU would see them hundreds of times).
     "gpu": Recipe(device="cuda", autocast="bfloat16", tok_batch=64, tok_lr=2e-3, tok_warmup=200,
                   tok_refine_lr=6e-4, tr_scenes=100_000, tr_batch=256, tr_lr=2e-3,
                   budget_s=6 * 60.0),
