@@ -11,6 +11,7 @@ import torch
 from hart_fast.generation import guided_stages
 from hart_fast.model.transformer import KVCache
 from hart_fast.pipeline import HartPipeline
+from hart_fast.reference import ReferenceBackend
 from hart_fast.pruning import (PrunePlan, block_forward_recording, gather_tokens, pivotal_tokens,
                                pruned_block_forward, restore)
 from hart_fast.speed import LEVERS, SPEED_PRESETS, resolve_levers
@@ -301,6 +302,31 @@ def test_topk_sampling_in_the_loop(model_dir):
         V = pipe.tokenizer.quantize.embedding.weight.shape[0]
         everything = pipe.generate(ctx, mask, **dict(kw, top_k=V))
         assert torch.equal(everything, pipe.generate(ctx, mask, **dict(kw, top_k=V, topk_sampling=False)))
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+def test_topk_sampling_skips_the_filter_of_unguided_stages(model_dir, fast, monkeypatch):
+    """With topk_sampling and no top-p, an unguided stage takes its kept candidates
+    from the raw logits: the backend's top-k filter runs only for guided stages
+    (and for every stage once top-p or the dense draw needs filtered logits)."""
+    pipe = HartPipeline.from_pretrained(model_dir, fast=fast)
+    backend = type(pipe.engine) if fast else ReferenceBackend
+    calls = []
+    original = backend.guide
+
+    def counting(logits, t, top_k, top_p):
+        calls.append(t is None)
+        return original(logits, t, top_k, top_p)
+
+    monkeypatch.setattr(backend, "guide", staticmethod(counting))
+    ctx, mask = _prompts(pipe)
+    kw = dict(seed=4, output_type="latent", diffusion_steps="4", top_k=5, guidance_until=-2)
+    n_guided = guided_stages(-2, len(PN))
+    for extra, unguided_filters in [({"topk_sampling": True}, 0), ({"topk_sampling": False}, len(PN) - n_guided),
+                                    ({"topk_sampling": True, "top_p": 0.9}, len(PN) - n_guided)]:
+        calls.clear()
+        pipe.generate(ctx, mask, **kw, **extra)
+        assert calls.count(False) == n_guided and calls.count(True) == unguided_filters, (extra, calls)
 
 
 def test_presets_fill_only_unset_levers():
