@@ -106,19 +106,18 @@ def generate_latent(tr, tok, backend, prompt_embeds, prompt_mask, *, guidance_sc
             trace[f"stage{si:02d}/logits"] = cfg_combine(raw, t) if guided else raw.clone()
         # topk_sampling: random numbers for the k kept candidates only (same law).
         sparse = topk_sampling and 0 < k < raw.shape[-1]
+        # The filtered logits (or their kept candidates) feed our draw and the Gumbel
+        # mixture; a token_sampler draws from the unfiltered ones itself.
+        needed = token_sampler is None or more_smooth
+        # Unguided, no top-p: the kept candidates are the raw logits' top k (top-k
+        # filtering first would only mask what topk drops anyway).
+        raw_kept = sparse and t is None and not top_p > 0
+        logits = backend.guide(raw, t, k, top_p) if needed and not raw_kept else None
+        kept = kept_candidates(raw if raw_kept else logits, k) if needed and sparse else None
         if token_sampler is None:
-            if sparse and t is None and not top_p > 0:
-                # Unguided, no top-p: the kept candidates are the raw logits' top k
-                # (top-k filtering first would only mask what topk drops anyway).
-                kept = kept_candidates(raw, k)
-            else:
-                logits = backend.guide(raw, t, k, top_p)
-                kept = kept_candidates(logits, k) if sparse else None
             idx_Bl = multinomial_sample_topk(*kept, generators) if sparse else multinomial_sample(logits, generators)
         else:
             idx_Bl = _call_token_sampler(token_sampler, si, cfg_combine(raw, t) if guided else raw)
-            logits = backend.guide(raw, t, k, top_p) if more_smooth else None  # Gumbel sees filtered logits
-            kept = kept_candidates(logits, k) if sparse and more_smooth else None
         if trace is not None:
             trace[f"stage{si:02d}/idx"] = idx_Bl.clone()
         if not more_smooth:
