@@ -8,8 +8,9 @@ How:
 - background: the palette colour nearest to most pixels of the outer border ring;
 - objects: pixels far from the background colour, split into 4-connected
   components; components smaller than a speck are noise; each component's colour is
-  the palette colour most of its pixels are nearest to (anti-aliased rims are a
-  minority);
+  the palette colour most of its core pixels are nearest to -- the core being the
+  pixels farthest from the background, so a soft rim that mixes the two colours
+  (blue on red blurs to purple) does not outvote a small object's interior;
 - shape: from the component's coverage (how far each pixel has moved from the
   background toward the object colour) -- fill of the bounding box (square ~1,
   circle ~0.79, triangle ~0.5, star ~0.39) and, to tell a triangle from a star,
@@ -32,6 +33,7 @@ from hart_fast.train.scenes import CELL_TO_POSITION, COLOR_NAMES, COLORS, Scene
 PALETTE = np.array([COLORS[c] for c in COLOR_NAMES], dtype=np.float32)      # (K, 3)
 FG_DISTANCE = 60.0       # RGB distance from the background beyond which a pixel is foreground
 MIN_AREA_64 = 12         # pixels (at 64 px) below which a component is a speck
+CORE_SHARE = 0.75        # core pixels: at least this share of the component's 90th-percentile distance
 SIZE_SPLIT_64 = 19.5     # bounding-box extent (at 64 px) between small (~14) and large (~26)
 
 
@@ -112,7 +114,13 @@ def judge(image_HW3: np.ndarray) -> Judgement:
     for comp in _components(fg):
         if len(comp) < MIN_AREA_64 * scale * scale:
             continue
-        near = _nearest_palette(flat_img[comp])
+        # The colour of the component's core: its pixels farthest from the background.
+        # A soft edge mixes the object's colour with the background's (blue on red
+        # blurs to purple), and on a small, blurred object those rim pixels can
+        # outnumber the interior; the core is the object's own colour however sharp it is.
+        d_comp = flat_dist[comp]
+        core = comp[d_comp >= CORE_SHARE * np.percentile(d_comp, 90)]
+        near = _nearest_palette(flat_img[core])
         counts = np.bincount(near, minlength=len(PALETTE))
         counts[bg_i] = 0
         col_i = int(counts.argmax())
