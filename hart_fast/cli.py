@@ -380,6 +380,7 @@ def cmd_train(args) -> int:
             argv += ["--budget-min", str(args.budget_min)] if args.budget_min is not None else []
             argv += ["--device", args.device] if args.device else []
             argv += ["--tok-phase1", args.tok_phase1] if args.tok_phase1 else []
+            argv += ["--from-model", args.from_model] if args.from_model else []
             argv += ["--quiet"] if args.quiet else []
             return recipe.main(argv)
         from hart_fast.options import parse_dtype
@@ -433,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = t.add_subparsers(dest="train_command", required=True)
     td = tsub.add_parser("demo", help="the embedded demo model's recipe (resumable; see hart_fast.train.recipe)")
     td.add_argument("--work", required=True, help="folder for checkpoints and loss logs (rerun to resume)")
-    td.add_argument("--stage", choices=["tokenizer", "transformer", "export", "all"], default="all")
+    td.add_argument("--stage", choices=["tokenizer", "transformer", "residual", "export", "all"], default="all")
+    td.add_argument("--from-model", default=None, metavar="MODEL_DIR",
+                    help="with --stage residual / export: refine the residual MLP of this exported demo folder")
     td.add_argument("--out", default=None, help="model folder the export writes (default: WORK/model)")
     td.add_argument("--profile", choices=["cpu", "gpu"], default="cpu",
                     help="cpu: the embedded model's recipe; gpu: larger batches on CUDA within --budget-min")

@@ -179,6 +179,65 @@ def test_diffusion_loss_is_finite_and_positive():
     assert all(p.grad is not None for p in net.parameters())
 
 
+def test_guided_loss_terms_are_the_plain_loss_under_one_condition():
+    """With one condition for both halves the guided loss is three times the plain
+    hybrid loss of the same draw (the guided noise is the conditional one), and the
+    two predictions do not differ; with two conditions they do."""
+    from hart_fast.model.diffusion import SimpleMLPAdaLN
+    from hart_fast.train.diffusion_loss import guided_diffusion_loss
+
+    torch.manual_seed(0)
+    net = SimpleMLPAdaLN(4, 16, 8, 2)
+    torch.nn.init.normal_(net.final_layer.linear.weight, std=0.1)  # the MLP starts at zero output otherwise
+    for blk in net.res_blocks:
+        torch.nn.init.normal_(blk.adaLN_modulation[-1].weight, std=0.1)
+    sched = DiffusionTrainingSchedule()
+    target, z = torch.randn(32, 4) * 0.3, torch.randn(32, 8)
+    plain = diffusion_loss(net, target, z, sched, generator=torch.Generator().manual_seed(7))
+    w = 5.0 * torch.rand(32, generator=torch.Generator().manual_seed(8))
+    same = guided_diffusion_loss(net, target, z, z, sched, w, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(same["diff_cond"], plain, rtol=1e-6, atol=0)
+    torch.testing.assert_close(same["diff_uncond"], plain, rtol=1e-6, atol=0)
+    assert float(same["eps_gap"]) == 0.0
+    torch.testing.assert_close(same["loss"], 2 * plain + same["mse_guided"], rtol=1e-6, atol=0)
+    z_u = torch.randn(32, 8)
+    two = guided_diffusion_loss(net, target, z, z_u, sched, w,
+                                generator=torch.Generator().manual_seed(7))
+    assert float(two["eps_gap"]) > 0
+    # The guided term from the draw replayed by hand: (1 + w) eps_cond - w eps_uncond.
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(0, sched.num_steps, (32,), generator=g)
+    noise = torch.randn(32, 4, generator=g)
+    x_t = sched.sqrt_ac[t, None] * target / 0.6 + sched.sqrt_1m_ac[t, None] * noise
+    with torch.no_grad():
+        eps_c, eps_u = net(x_t, t, z)[:, :4], net(x_t, t, z_u)[:, :4]
+    want = (noise - ((1 + w[:, None]) * eps_c - w[:, None] * eps_u)).pow(2).mean()
+    torch.testing.assert_close(two["mse_guided"], want, rtol=1e-5, atol=0)
+    two["loss"].backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_residual_steps_lower_the_guided_loss_and_leave_the_transformer_alone(tiny_dir, tmp_path):
+    from hart_fast.train.finetune import train_residual
+
+    tr, tok, data, embeds, masks, caps, enc = _encoded(tiny_dir)
+    frozen = {n: p.detach().clone() for n, p in tr.named_parameters() if not n.startswith("diffloss.")}
+    mlp_before = {n: p.detach().clone() for n, p in tr.diffloss.net.named_parameters()}
+    from hart_fast.train.transformer import ResidualStep
+
+    probe = ResidualStep(tr, tok.quantize.embedding.weight, data, embeds, masks, batch=16, seed=0)
+    first = {k: float(v) for k, v in probe(0).items()}
+    train_residual(tr, tok, data, caps, enc, str(tmp_path), steps=40, batch=16, lr=3e-3, seed=0, progress=False)
+    last = {k: float(v) for k, v in probe(0).items()}
+    assert last["loss"] < first["loss"] and last["mse_guided"] < first["mse_guided"], (first, last)
+    for n, p in tr.named_parameters():
+        assert p.requires_grad, n  # given back trainable
+        if n in frozen:
+            assert torch.equal(p.detach(), frozen[n]), n
+    assert any(not torch.equal(p.detach(), mlp_before[n]) for n, p in tr.diffloss.net.named_parameters())
+    assert read_loss_log(str(tmp_path))[-1]["step"] == 39
+
+
 def test_save_then_from_pretrained_round_trip(tiny_dir, tmp_path):
     from hart_fast.pipeline import HartPipeline
 
@@ -392,12 +451,21 @@ def test_the_demo_recipe_end_to_end_with_a_time_budget(tmp_path, phase1):
                             min_planned_steps=2, tok_phase1=phase1)
     recipe.train_tokenizer_stage(work, r, progress=False)
     recipe.train_transformer_stage(work, r, progress=False)
+    tr_ck = torch.load(os.path.join(work, "transformer", "checkpoint.pt"), weights_only=False)["modules"]
+    recipe.train_residual_stage(work, r, progress=False)
     plan = recipe.read_plan(work)
-    assert sorted(plan) == ["tokenizer", "tokenizer_objects", "transformer"]
+    assert sorted(plan) == ["residual", "tokenizer", "tokenizer_objects", "transformer"]
     for name, entry in plan.items():
         assert entry["steps"] == 2 and entry["seconds_per_step"] > 0, (name, entry)
         assert read_loss_log(os.path.join(work, name))[-1]["step"] == 1
     out = recipe.export_stage(work, r, str(tmp_path / "model"))
+    # The export holds the transformer stage's transformer and the residual stage's MLP.
+    tr, _, _ = load_models(out)
+    res_ck = torch.load(os.path.join(work, "residual", "checkpoint.pt"), weights_only=False)["modules"]["diffusion"]
+    for name, p in tr.state_dict().items():
+        want = res_ck[name[len("diffloss.net."):]] if name.startswith("diffloss.net.") else tr_ck["transformer"][name]
+        assert torch.equal(p, want.half().float()), name
+    assert any(not torch.equal(v, tr_ck["transformer"]["diffloss.net." + k]) for k, v in res_ck.items())
     # A rerun finds every stage done: the plan is not probed again, nothing retrains.
     before = {n: os.path.getmtime(os.path.join(work, n, "checkpoint.pt")) for n in plan}
     recipe.train_tokenizer_stage(work, dataclasses.replace(r, budget_s=1e6), progress=False)
@@ -411,6 +479,39 @@ def test_the_demo_recipe_end_to_end_with_a_time_budget(tmp_path, phase1):
 
     img = hart_fast.generate("a red circle on a blue background", model=out, output_type="pt")
     assert img.shape == (3, 64, 64) and torch.isfinite(img).all()
+
+
+def test_the_residual_stage_from_a_model_folder_checks_it(tiny_dir, tmp_path, capsys):
+    """--from-model: only with the residual / export stages, only a folder of the demo
+    architecture; refused before anything is written."""
+    from hart_fast.demo import DEMO_DIR
+    from hart_fast.train import recipe
+
+    work = str(tmp_path / "w")
+    with pytest.raises(SystemExit):
+        recipe.main(["--work", work, "--stage", "tokenizer", "--from-model", DEMO_DIR])
+    assert "--from-model goes with --stage residual or --stage export" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        recipe.main(["--work", work, "--stage", "residual", "--from-model", str(tmp_path / "nowhere")])
+    assert "is not a folder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is not the demo architecture"):
+        recipe.main(["--work", work, "--stage", "residual", "--from-model", tiny_dir])
+    assert not os.path.exists(os.path.join(work, "encoded.pt")) and not os.path.exists(os.path.join(work, "residual"))
+
+
+def test_export_from_a_model_folder_without_a_residual_stage_keeps_its_weights(tmp_path):
+    import dataclasses
+
+    from hart_fast.demo import DEMO_DIR
+    from hart_fast.train import recipe
+    from safetensors.torch import load_file
+
+    out = recipe.export_stage(str(tmp_path / "w"), dataclasses.replace(recipe.Recipe(), res_steps=0),
+                              str(tmp_path / "m"), from_model=DEMO_DIR)
+    for part in ("llm", "tokenizer"):
+        name = [f for f in os.listdir(os.path.join(DEMO_DIR, part)) if f.endswith(".safetensors")][0]
+        a, b = load_file(os.path.join(DEMO_DIR, part, name)), load_file(os.path.join(out, part, name))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), part
 
 
 def test_the_recipe_refuses_a_gpu_profile_without_cuda(tmp_path, capsys):
@@ -465,3 +566,16 @@ def test_cli_train_demo_passes_its_options_to_the_recipe(tmp_path, monkeypatch):
     assert r.device == "cpu" and r.tok_batch == recipe.PROFILES["cpu"].tok_batch
     with pytest.raises(SystemExit):
         cli.main(["train", "demo", "--work", work, "--tok-phase1", "crowded"])
+
+
+def test_cli_train_demo_passes_from_model_to_the_residual_stage(tmp_path, monkeypatch):
+    from hart_fast import cli
+    from hart_fast.demo import DEMO_DIR
+    from hart_fast.train import recipe
+
+    seen = []
+    monkeypatch.setattr(recipe, "train_residual_stage",
+                        lambda work, r, progress, from_model=None: seen.append((work, r.res_steps, from_model)))
+    work = str(tmp_path / "w")
+    assert cli.main(["train", "demo", "--work", work, "--stage", "residual", "--from-model", DEMO_DIR, "-q"]) == 0
+    assert seen == [(work, recipe.PROFILES["cpu"].res_steps, DEMO_DIR)]

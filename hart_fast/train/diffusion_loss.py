@@ -11,6 +11,7 @@ the inference side of the same schedule.
 from __future__ import annotations
 
 import math
+from typing import Dict
 
 import numpy as np
 import torch
@@ -60,18 +61,20 @@ def discretized_gaussian_nll(x, mean, log_scale):
     return -log_probs
 
 
-def diffusion_loss(net: SimpleMLPAdaLN, target_NC: torch.Tensor, z_NZ: torch.Tensor,
-                   sched: DiffusionTrainingSchedule, generator=None) -> torch.Tensor:
-    """Mean hybrid loss over N tokens; target_NC is the residual (before the 0.6 scaling)."""
-    N, C = target_NC.shape
+def _noised(target_NC: torch.Tensor, sched: DiffusionTrainingSchedule, generator):
+    """(x0, t, noise, x_t, table lookup) of one draw for N residual targets."""
+    N, _ = target_NC.shape
     dev = target_NC.device
     x0 = target_NC.float() / VAE_SCALE
     t = torch.randint(0, sched.num_steps, (N,), device=dev, generator=generator)
     noise = torch.randn(x0.shape, device=dev, generator=generator)
     g = lambda tab: tab.to(dev)[t].unsqueeze(1)  # noqa: E731
     x_t = g(sched.sqrt_ac) * x0 + g(sched.sqrt_1m_ac) * noise
-    out = net(x_t.to(net.input_proj.weight.dtype), t, z_NZ).float()
-    eps, var_v = out[:, :C], out[:, C:]
+    return x0, t, noise, x_t, g
+
+
+def _hybrid_terms(eps, var_v, x0, t, noise, x_t, g, sched) -> torch.Tensor:
+    """Per-row IDDPM hybrid loss: MSE on the noise + the variance's variational bound."""
     mse = (noise - eps).pow(2).mean(1)
     # Variational bound on the variance only: the mean comes from the detached eps.
     min_log, max_log = g(sched.post_logvar), g(sched.log_betas)
@@ -82,8 +85,47 @@ def diffusion_loss(net: SimpleMLPAdaLN, target_NC: torch.Tensor, z_NZ: torch.Ten
     true_mean = g(sched.coef1) * x0 + g(sched.coef2) * x_t
     kl = normal_kl(true_mean, min_log, model_mean, model_logvar).mean(1) / math.log(2.0)
     nll = discretized_gaussian_nll(x0, model_mean, 0.5 * model_logvar).mean(1) / math.log(2.0)
-    vb = torch.where(t == 0, nll, kl)
-    return (mse + vb).mean()
+    return mse + torch.where(t == 0, nll, kl)
 
 
-__all__ = ["DiffusionTrainingSchedule", "diffusion_loss", "normal_kl", "discretized_gaussian_nll"]
+def diffusion_loss(net: SimpleMLPAdaLN, target_NC: torch.Tensor, z_NZ: torch.Tensor,
+                   sched: DiffusionTrainingSchedule, generator=None) -> torch.Tensor:
+    """Mean hybrid loss over N tokens; target_NC is the residual (before the 0.6 scaling)."""
+    C = target_NC.shape[1]
+    x0, t, noise, x_t, g = _noised(target_NC, sched, generator)
+    out = net(x_t.to(net.input_proj.weight.dtype), t, z_NZ).float()
+    return _hybrid_terms(out[:, :C], out[:, C:], x0, t, noise, x_t, g, sched).mean()
+
+
+def guided_diffusion_loss(net: SimpleMLPAdaLN, target_NC: torch.Tensor, z_cond_NZ: torch.Tensor,
+                          z_uncond_NZ: torch.Tensor, sched: DiffusionTrainingSchedule, guidance_N: torch.Tensor,
+                          guided_weight: float = 1.0, generator=None) -> Dict[str, torch.Tensor]:
+    """The hybrid loss under both conditions of a token plus the loss of the guided noise.
+
+    Inference guides the MLP with the stage's scale w: eps_g = (1 + w) eps_cond - w
+    eps_uncond (the official sampler). Trained on each condition alone, the two
+    predictions err independently, and the guidance multiplies their difference
+    by w: the drawn residual comes out larger than any true one (BENCHMARKS.md,
+    "The residual under guidance"). So both conditions see the same noised target,
+    and eps_g, with each token's guidance scale w (guidance_N, (N,)), must predict
+    the noise too -- which holds when the two agree wherever the condition does not
+    matter. guided_weight weighs that last term against the two hybrid losses.
+    """
+    N, C = target_NC.shape
+    x0, t, noise, x_t, g = _noised(target_NC, sched, generator)
+    dt = net.input_proj.weight.dtype
+    out = net(torch.cat([x_t, x_t]).to(dt), torch.cat([t, t]), torch.cat([z_cond_NZ, z_uncond_NZ])).float()
+    eps_c, eps_u = out[:N, :C], out[N:, :C]
+    hyb_c = _hybrid_terms(eps_c, out[:N, C:], x0, t, noise, x_t, g, sched)
+    hyb_u = _hybrid_terms(eps_u, out[N:, C:], x0, t, noise, x_t, g, sched)
+    w = guidance_N.to(x0.device, torch.float32).reshape(N, 1)
+    eps_g = (1 + w) * eps_c - w * eps_u
+    mse_g = (noise - eps_g).pow(2).mean(1)
+    loss = (hyb_c + hyb_u + guided_weight * mse_g).mean()
+    with torch.no_grad():
+        gap = (eps_c - eps_u).pow(2).mean().sqrt()
+    return {"loss": loss, "diff_cond": hyb_c.mean().detach(), "diff_uncond": hyb_u.mean().detach(),
+            "mse_guided": mse_g.mean().detach(), "eps_gap": gap}
+
+
+__all__ = ["DiffusionTrainingSchedule", "diffusion_loss", "guided_diffusion_loss", "normal_kl", "discretized_gaussian_nll"]

@@ -118,6 +118,17 @@ def encode_dataset(tok, images_u8, patch_nums, batch: int = 64, progress: bool =
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
+def encode_captions_of(data: Dict[str, torch.Tensor], captions: Sequence[str], encoder):
+    """(data with a `caption` index per image, embeds (U, T, D), masks (U, T)): every
+    distinct caption through the text encoder once."""
+    from hart_fast.train.transformer import encode_captions
+
+    uniq = sorted(set(captions))
+    where = {c: i for i, c in enumerate(uniq)}
+    embeds, masks = encode_captions(encoder, uniq)
+    return dict(data, caption=torch.tensor([where[c] for c in captions])), embeds, masks
+
+
 def train_transformer(tr, tok, data: Dict[str, torch.Tensor], captions: Sequence[str], encoder, run_dir: str, *,
                       steps, batch: int, lr: float, seed: int, cond_drop: float = 0.1, warmup: int = 100,
                       device="cpu", autocast_dtype=None, progress: bool = True):
@@ -126,12 +137,9 @@ def train_transformer(tr, tok, data: Dict[str, torch.Tensor], captions: Sequence
     steps: a count, or a function (modules, step_fn) -> count (the recipe plans it by
     timing the step function)."""
     from hart_fast.train.common import train_loop
-    from hart_fast.train.transformer import TransformerStep, encode_captions
+    from hart_fast.train.transformer import TransformerStep
 
-    uniq = sorted(set(captions))
-    where = {c: i for i, c in enumerate(uniq)}
-    embeds, masks = encode_captions(encoder, uniq)
-    data = dict(data, caption=torch.tensor([where[c] for c in captions]))
+    data, embeds, masks = encode_captions_of(data, captions, encoder)
     tr.to(device)
     step = TransformerStep(tr, tok.quantize.embedding.weight.detach(), data, embeds, masks, batch, seed,
                            cond_drop=cond_drop, device=device, autocast_dtype=autocast_dtype)
@@ -140,6 +148,35 @@ def train_transformer(tr, tok, data: Dict[str, torch.Tensor], captions: Sequence
     return train_loop(run_dir=run_dir, modules={"transformer": tr}, step_fn=step, steps=steps, lr=lr,
                       warmup=min(warmup, max(1, steps // 10)), seed=seed, desc="transformer", ckpt_every=100,
                       log_every=10, progress=progress, fp16=autocast_dtype == torch.float16)
+
+
+def train_residual(tr, tok, data: Dict[str, torch.Tensor], captions: Sequence[str], encoder, run_dir: str, *,
+                   steps: int, batch: int, lr: float, seed: int, guidance_max: float = 5.0, guided_weight: float = 1.0,
+                   warmup: int = 20,
+                   device="cpu", autocast_dtype=None, progress: bool = True):
+    """Train tr's residual MLP alone (the transformer frozen) on encoded images with
+    captions, under both classifier-free-guidance conditions and their guided
+    combination (`hart_fast.train.transformer.ResidualStep`)."""
+    from hart_fast.train.common import train_loop
+    from hart_fast.train.transformer import ResidualStep
+
+    data, embeds, masks = encode_captions_of(data, captions, encoder)
+    tr.to(device)
+    net = tr.diffloss.net
+    for p in tr.parameters():
+        p.requires_grad_(False)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    step = ResidualStep(tr, tok.quantize.embedding.weight.detach(), data, embeds, masks, batch, seed,
+                        guidance_max=guidance_max, guided_weight=guided_weight, device=device,
+                        autocast_dtype=autocast_dtype)
+    try:
+        return train_loop(run_dir=run_dir, modules={"diffusion": net}, step_fn=step, steps=steps, lr=lr,
+                          warmup=min(warmup, max(1, steps // 10)), seed=seed, desc="residual", ckpt_every=100,
+                          log_every=10, progress=progress, fp16=autocast_dtype == torch.float16)
+    finally:
+        for p in tr.parameters():
+            p.requires_grad_(True)
 
 
 def finetune(init_dir: str, data_dir: str, out_dir: str, *, work_dir: Optional[str] = None, steps: int = 500,
@@ -182,4 +219,4 @@ def finetune(init_dir: str, data_dir: str, out_dir: str, *, work_dir: Optional[s
 
 
 __all__ = ["DatasetError", "read_caption_folder", "load_images", "image_size", "encode_dataset",
-           "train_transformer", "finetune", "IMAGE_EXTS"]
+           "encode_captions_of", "train_transformer", "train_residual", "finetune", "IMAGE_EXTS"]

@@ -2,7 +2,7 @@
 
     python -m hart_fast.train.recipe --work runs/demo       # or: hart-fast train demo --work runs/demo
 
-Three stages, each resumable from its folder under --work (rerun the same command
+Four stages, each resumable from its folder under --work (rerun the same command
 after a kill and it carries on):
 
 1. `tokenizer/`: the hybrid tokenizer on freshly rendered captioned scenes, then
@@ -13,7 +13,11 @@ after a kill and it carries on):
 2. `transformer/`: the AR transformer and the residual-diffusion MLP together, on
    the scenes' codes (encoded once with the trained tokenizer) and the frozen text
    encoder's states of their captions;
-3. `model/`: the official-layout folder (llm/, tokenizer/, text_encoder/), which
+3. `residual/`: the residual-diffusion MLP alone, the transformer frozen, trained
+   on the same target under the caption and the unconditional input and on the
+   guided combination of the two (inference guides the MLP; trained only jointly,
+   its guided draws came out too large and shifted object colours);
+4. `model/`: the official-layout folder (llm/, tokenizer/, text_encoder/), which
    `hart_fast.HartPipeline.from_pretrained` and the official loader read.
 
 Every batch and every random draw comes from (seed, step), so a rerun from scratch
@@ -75,6 +79,13 @@ class Recipe:
     tr_steps: int = 8000
     tr_batch: int = 32
     tr_lr: float = 1e-3
+    # The residual MLP alone afterwards, the transformer frozen, trained under both
+    # guidance conditions (BENCHMARKS.md, "The residual under guidance"); 0: no such stage.
+    res_steps: int = 400
+    res_scenes: int = 4000
+    res_lr: float = 1e-3
+    res_guidance_max: float = 5.0
+    res_guided_weight: float = 1.0
     device: str = "cpu"
     autocast: Optional[str] = None      # "bfloat16" / "float16": autocast dtype of the forward passes
     # Seconds of training for all stages together; None: the step counts above.
@@ -87,11 +98,11 @@ class Recipe:
 
 
 # The budget's share of every stage (the encode between them is not counted).
-BUDGET_SHARES = {"tokenizer": 0.45, "tokenizer_objects": 0.2, "transformer": 0.35}
+BUDGET_SHARES = {"tokenizer": 0.45, "tokenizer_objects": 0.2, "transformer": 0.3, "residual": 0.05}
 
 PROFILES: Dict[str, Recipe] = {
-    # The recipe of the embedded model (BENCHMARKS.md, "Fourth model"): about 80-120
-    # minutes on 2 CPU cores, depending on the CPU.
+    # The recipe of the embedded model (BENCHMARKS.md, "Fourth model" and "The residual
+    # under guidance"): about 85-125 minutes on 2 CPU cores, depending on the CPU.
     "cpu": Recipe(),
     # A lent GPU's minutes. Batches 8x / 8x, learning rates up by about sqrt of that,
     # 100k encoded scenes for the transformer (the CPU recipe's 24,000 are seen ~11
@@ -331,19 +342,22 @@ class RenderedScenes:
         return render_batch(self.scenes[sl], self.size, self.device)
 
 
-def encode_stage(work: str, r: Recipe, tok, progress: bool = True):
-    """Codes of the transformer's training scenes, encoded once (cached in encoded.pt)."""
+def encode_stage(work: str, r: Recipe, tok, progress: bool = True, n: Optional[int] = None):
+    """Codes of the first n (default: all tr_scenes) of the transformer's training
+    scenes, encoded once (cached in encoded.pt; a cache of more scenes is sliced)."""
     from hart_fast.train.common import atomic_save
     from hart_fast.train.scenes import SceneDataset
 
+    n = r.tr_scenes if n is None else int(n)
     path = os.path.join(work, "encoded.pt")
     # Which tokenizer made the codes: a retrained tokenizer must not reuse old ones.
     stamp = float(tok.quantize.embedding.weight.detach().double().sum())
     if os.path.exists(path):
         cached = torch.load(path, weights_only=False)
-        if cached.get("codebook_sum") == stamp and len(cached["captions"]) == r.tr_scenes:
-            return cached
-    ds = SceneDataset(r.tr_scenes, seed=step_seed(r.seed, 0, 12) % 2**31, size=r.image_size)
+        if cached.get("codebook_sum") == stamp and len(cached["captions"]) >= n:
+            return {"data": {k: v[:n] for k, v in cached["data"].items()}, "captions": cached["captions"][:n],
+                    "codebook_sum": stamp}
+    ds = SceneDataset(n, seed=step_seed(r.seed, 0, 12) % 2**31, size=r.image_size)
     scenes = [ds.scene(i) for i in range(len(ds))]
     from hart_fast.train.finetune import encode_dataset
 
@@ -396,6 +410,102 @@ def train_transformer_stage(work: str, r: Recipe, progress: bool = True):
     return tr, tok
 
 
+def load_transformer_stage(work: str, r: Recipe, tok):
+    """The finished transformer stage's model (residual MLP included), in eval mode."""
+    tr = build_transformer(tok)
+    path = os.path.join(work, "transformer", "checkpoint.pt")
+    if not os.path.exists(path):
+        raise RuntimeError(f"the transformer stage in {work} has not finished ({path} is missing); run it first")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    tr_steps = planned_steps(work, "transformer", r.tr_steps)
+    if ck["step"] < tr_steps:
+        raise RuntimeError(f"the transformer stage in {work} is at step {ck['step']} of {tr_steps}; run it first")
+    tr.load_state_dict(ck["modules"]["transformer"])
+    return tr.eval()
+
+
+def transformer_stamp(tr) -> float:
+    """A fingerprint of the frozen transformer (everything but the residual MLP)."""
+    return float(sum(p.detach().double().sum() for n, p in tr.named_parameters() if not n.startswith("diffloss.")))
+
+
+def base_models(work: str, r: Recipe, from_model: Optional[str]):
+    """(transformer, tokenizer, text-encoder folder) the residual stage starts from: the
+    work folder's finished stages, or an exported model folder (`--from-model`)."""
+    if from_model is None:
+        tok = load_tokenizer_stage(work, r)
+        return load_transformer_stage(work, r, tok), tok, text_encoder_stage(work, r)
+    from hart_fast.loading import load_models
+
+    tr, tok, _ = load_models(from_model)
+    cfg = {k: getattr(tr.cfg, k) for k in ("depth", "embed_dim", "diff_width", "diff_depth")}
+    want = {k: DEMO_TRANSFORMER[k] for k in cfg}
+    if cfg != want or list(tr.cfg.patch_nums) != DEMO_TRANSFORMER["patch_nums"] or tok.V != DEMO_TOKENIZER["vocab_size"]:
+        raise ValueError(f"--from-model {from_model!r} is not the demo architecture ({cfg}, patch_nums "
+                         f"{list(tr.cfg.patch_nums)}, vocab {tok.V}; the recipe's: {want}, "
+                         f"{DEMO_TRANSFORMER['patch_nums']}, {DEMO_TOKENIZER['vocab_size']})")
+    if not tok.has_encoder:
+        raise ValueError(f"--from-model {from_model!r}: its tokenizer has no encoder weights, so it cannot encode "
+                         f"the training scenes")
+    te_dir = os.path.join(from_model, "text_encoder")
+    if not os.path.isdir(te_dir):
+        raise FileNotFoundError(f"--from-model {from_model!r} has no text_encoder/ folder")
+    return tr.eval(), tok.eval(), te_dir
+
+
+def train_residual_stage(work: str, r: Recipe, progress: bool = True, from_model: Optional[str] = None):
+    """The residual MLP refined under guidance, the transformer frozen (WORK/residual/)."""
+    from hart_fast.text_encoder import as_text_encoder
+    from hart_fast.train.finetune import train_residual
+    from hart_fast.train.transformer import ResidualStep
+
+    tr, tok, te_dir = base_models(work, r, from_model)   # checked before anything is written
+    check_recipe(work, r)
+    # The MLP needs fewer scenes than the transformer: the first res_scenes of its set.
+    enc = encode_stage(work, r, tok.to(r.device), progress, n=min(r.res_scenes, r.tr_scenes))
+    te = as_text_encoder(te_dir, max_length=DEMO_TRANSFORMER["context_token"])
+    run_dir = os.path.join(work, "residual")
+    # A residual checkpoint refined on another transformer must not be resumed.
+    stamp = {"transformer": transformer_stamp(tr), "from_model": from_model and os.path.abspath(from_model)}
+    stamp_path = os.path.join(run_dir, "transformer_stamp.json")
+    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        old = json.load(open(stamp_path)) if os.path.exists(stamp_path) else None
+        if old != stamp:
+            print(f"{run_dir}: its checkpoint refined another transformer's MLP; starting it afresh")
+            for name in ("checkpoint.pt", "loss_log.jsonl"):
+                if os.path.exists(os.path.join(run_dir, name)):
+                    os.unlink(os.path.join(run_dir, name))
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write_json(stamp, stamp_path)
+
+    def probe() -> float:
+        from hart_fast.train.finetune import encode_captions_of
+
+        data, embeds, masks = encode_captions_of(enc["data"], enc["captions"], te)
+        step = ResidualStep(tr.to(r.device), tok.quantize.embedding.weight.detach(), data, embeds, masks,
+                            r.tr_batch, r.seed, device=r.device, autocast_dtype=r.autocast_dtype)
+        return seconds_per_step({"diffusion": tr.diffloss.net}, step)
+
+    steps = stage_steps(work, r, "residual", r.res_steps, probe)
+    train_residual(tr, tok, enc["data"], enc["captions"], te, run_dir, steps=steps, batch=r.tr_batch,
+                   lr=r.res_lr, seed=step_seed(r.seed, 0, 30), guidance_max=r.res_guidance_max,
+                   guided_weight=r.res_guided_weight, device=r.device,
+                   autocast_dtype=r.autocast_dtype, progress=progress)
+    return tr, tok
+
+
+def load_residual_stage_(work: str, r: Recipe, tr) -> None:
+    """Load the finished residual stage's MLP into tr (in place)."""
+    path = os.path.join(work, "residual", "checkpoint.pt")
+    if not os.path.exists(path):
+        raise RuntimeError(f"the residual stage in {work} has not finished ({path} is missing); run it first")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    steps = planned_steps(work, "residual", r.res_steps)
+    if ck["step"] < steps:
+        raise RuntimeError(f"the residual stage in {work} is at step {ck['step']} of {steps}; run it first")
+    tr.diffloss.net.load_state_dict(ck["modules"]["diffusion"])
+
+
 DEMO_README = """# hart-demo
 
 The embedded default model of hart_fast: **a small HART trained on procedural scenes**
@@ -415,28 +525,28 @@ BENCHMARKS.md. Point `--model` / `HART_FAST_MODEL` at a real HART folder for rea
 """
 
 
-def export_stage(work: str, r: Recipe, out_dir: str) -> str:
+def export_stage(work: str, r: Recipe, out_dir: str, from_model: Optional[str] = None) -> str:
     from hart_fast.config import TransformerConfig
     from hart_fast.train.export import save_model_folder
 
-    tok = load_tokenizer_stage(work, r)
-    tr = build_transformer(tok)
-    ck = torch.load(os.path.join(work, "transformer", "checkpoint.pt"), map_location="cpu", weights_only=False)
-    tr_steps = planned_steps(work, "transformer", r.tr_steps)
-    if ck["step"] < tr_steps:
-        raise RuntimeError(f"the transformer stage in {work} is at step {ck['step']} of {tr_steps}; run it first")
-    tr.load_state_dict(ck["modules"]["transformer"])
+    tr, tok, te_dir = base_models(work, r, from_model)
+    if r.res_steps:
+        load_residual_stage_(work, r, tr)
     cfg = TransformerConfig.from_dict(dict(DEMO_TRANSFORMER))
     readme = DEMO_README.format(V=tok.V, Cvae=tok.Cvae, pn=list(cfg.patch_nums), depth=cfg.depth, C=cfg.embed_dim,
                                 dw=cfg.diff_width, dd=cfg.diff_depth, D=cfg.context_dim)
-    return save_model_folder(out_dir, tr.eval(), tok, DEMO_TRANSFORMER, DEMO_TOKENIZER, store_dtype=torch.float16,
-                             text_encoder_dir=text_encoder_stage(work, r), readme=readme)
+    return save_model_folder(out_dir, tr.cpu().float().eval(), tok.cpu().float(), DEMO_TRANSFORMER, DEMO_TOKENIZER,
+                             store_dtype=torch.float16, text_encoder_dir=te_dir, readme=readme)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="hart_fast.train.recipe", description=__doc__.split("\n")[0])
     ap.add_argument("--work", required=True, help="folder for the stages' checkpoints and logs")
-    ap.add_argument("--stage", choices=["tokenizer", "transformer", "export", "all"], default="all")
+    ap.add_argument("--stage", choices=["tokenizer", "transformer", "residual", "export", "all"], default="all")
+    ap.add_argument("--from-model", default=None, metavar="MODEL_DIR",
+                    help="with --stage residual or export: refine the residual MLP of this exported demo-architecture "
+                         "folder (its tokenizer, transformer and text encoder frozen) instead of the work folder's "
+                         "earlier stages")
     ap.add_argument("--out", default=None, help="where the export stage writes the model folder "
                                                 "(default: WORK/model)")
     ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
@@ -467,14 +577,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             ap.error(f"--profile {args.profile} trains on {r.device}, but this machine has no CUDA device; "
                      f"use --profile cpu (or --device cpu)")
         torch.backends.cudnn.benchmark = True  # fixed shapes all run long
+    if args.from_model is not None:
+        if args.stage not in ("residual", "export"):
+            ap.error("--from-model goes with --stage residual or --stage export")
+        if not os.path.isdir(args.from_model):
+            ap.error(f"--from-model {args.from_model!r} is not a folder")
+        if not r.res_steps:
+            ap.error("--from-model refines the residual MLP, but this recipe has no residual stage (res_steps 0)")
     progress = not args.quiet
     t0 = time.time()
     if args.stage in ("tokenizer", "all"):
         train_tokenizer_stage(args.work, r, progress)
     if args.stage in ("transformer", "all"):
         train_transformer_stage(args.work, r, progress)
+    if args.stage in ("residual", "all") and r.res_steps:
+        train_residual_stage(args.work, r, progress, from_model=args.from_model)
     if args.stage in ("export", "all"):
-        print(export_stage(args.work, r, args.out or os.path.join(args.work, "model")))
+        print(export_stage(args.work, r, args.out or os.path.join(args.work, "model"), from_model=args.from_model))
     print(f"done in {time.time() - t0:.0f} s")
     return 0
 

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from hart_fast.model.transformer import HartTransformer
-from hart_fast.sampling import filter_top_k_top_p_
+from hart_fast.sampling import filter_top_k_top_p_, official_top_k
 from hart_fast.train.common import autocast_context, step_seed
-from hart_fast.train.diffusion_loss import DiffusionTrainingSchedule, diffusion_loss
+from hart_fast.train.diffusion_loss import DiffusionTrainingSchedule, diffusion_loss, guided_diffusion_loss
 
 
 @torch.no_grad()
@@ -141,6 +141,66 @@ class TransformerStep:
         return out
 
 
+class ResidualStep:
+    """step_fn for train_loop: the residual MLP alone, the transformer frozen.
+
+    Every row runs the teacher-forced pass twice, with its caption and as the
+    sampler's unconditional input, and gets a guidance scale w drawn from
+    [0, guidance_max]. Its last-scale codes are drawn as inference draws them at
+    that scale: from the guided logits (1 + w) cond - w uncond with the official
+    top-k of the stage. The target is what those codes leave of the latent, and the
+    MLP learns it under both conditions and under their guided combination at the
+    same w (`guided_diffusion_loss`): what inference draws. (The joint stage,
+    like the official trainer, conditions on unguided draws; the residual it then
+    learns corrects the errors of those draws, which guided draws make less often,
+    and under guidance it dulled the objects' colours: BENCHMARKS.md, "The residual
+    under guidance".)
+    """
+
+    def __init__(self, tr: HartTransformer, codebook_VC: torch.Tensor, data: Dict[str, torch.Tensor],
+                 embeds: torch.Tensor, masks: torch.Tensor, batch: int, seed: int, guidance_max: float = 5.0,
+                 guided_weight: float = 1.0, device="cpu", autocast_dtype: Optional[torch.dtype] = None):
+        self.tr, self.E = tr, codebook_VC.float().to(device)
+        self.data, self.embeds, self.masks = data, embeds, masks
+        self.batch, self.seed, self.guidance_max = batch, seed, float(guidance_max)
+        self.guided_weight = float(guided_weight)
+        self.device, self.autocast_dtype = device, autocast_dtype
+        self.sched = DiffusionTrainingSchedule()
+        self.N = data["idx"].shape[0]
+        P = tr.cfg.patch_nums[-1]
+        self.last = P * P
+        self.top_k = min(official_top_k(len(tr.cfg.patch_nums) - 1), tr.V)
+
+    def __call__(self, step: int) -> Dict[str, torch.Tensor]:
+        tr, dev, B, L = self.tr, self.device, self.batch, self.last
+        g = torch.Generator().manual_seed(step_seed(self.seed, step, 5))
+        rows = torch.randint(0, self.N, (B,), generator=g)
+        w_B = self.guidance_max * torch.rand(B, generator=g)
+        d = {k: v[rows] for k, v in self.data.items()}
+        ctx = self.embeds[d["caption"]].float().repeat(2, 1, 1)
+        mask = self.masks[d["caption"]].repeat(2, 1)
+        ctx, mask, pos = uncond_rows_(ctx, mask, torch.arange(2 * B) >= B)
+        with torch.no_grad(), autocast_context(dev, self.autocast_dtype):
+            h, logits = full_pass(tr, ctx.to(dev), mask.to(dev), pos.to(dev), d["x_in"].to(dev).repeat(2, 1, 1))
+            lg = logits[:, -L:].float()
+            w = w_B.to(dev)[:, None, None]
+            guided = filter_top_k_top_p_((1 + w) * lg[:B] - w * lg[B:], self.top_k, 0.0)
+            gs = torch.Generator(device=lg.device).manual_seed(step_seed(self.seed, step, 6))
+            sampled = torch.multinomial(guided.softmax(-1).reshape(-1, tr.V), 1, generator=gs).view(B, L)
+            discrete = self.E[sampled]                                          # (B, P*P, Cvae)
+            e = tr.word_embed(discrete.to(tr.word_embed.weight.dtype)).repeat(2, 1, 1)
+            z = tr.decoder_norm(h[:, -L:] + e).float()                         # (2B, P*P, D)
+        target = d["last_rest"].to(dev).float() - discrete
+        k = max(1, int(tr.cfg.diffusion_batch_mul))
+        D = z.shape[-1]
+        gd = torch.Generator(device=dev).manual_seed(step_seed(self.seed, step, 7))
+        with autocast_context(dev, self.autocast_dtype):
+            return guided_diffusion_loss(tr.diffloss.net, target.reshape(-1, target.shape[-1]).repeat(k, 1),
+                                         z[:B].reshape(-1, D).repeat(k, 1), z[B:].reshape(-1, D).repeat(k, 1),
+                                         self.sched, w_B.to(dev).repeat_interleave(L).repeat(k),
+                                         self.guided_weight, generator=gd)
+
+
 def encode_captions(encoder, captions: List[str], batch: int = 256):
     """Unique captions -> (embeds (U, T, D) float32, masks (U, T) bool), through the
     same text-encoder object generation uses."""
@@ -153,4 +213,4 @@ def encode_captions(encoder, captions: List[str], batch: int = 256):
 
 
 __all__ = ["teacher_forcing_inputs", "encode_images", "uncond_rows_", "full_pass", "TransformerStep",
-           "encode_captions"]
+           "ResidualStep", "encode_captions"]
