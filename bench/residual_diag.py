@@ -12,7 +12,7 @@ the same prompts' renders.
 
 --tokenizer: the judge and PSNR on held-out renders reconstructed from their
 codes alone, with their true residual, with that residual shuffled across
-tokens, with Gaussian noise of its RMS and with half of it: how much of what
+tokens, with Gaussian noise of its standard deviation and with half of it: how much of what
 the judge reads the residual carries at all.
 
 --old-judge: the judge's all-pixel colour vote of sessions before 10 (core share 0).
@@ -71,7 +71,8 @@ def sampler_rows(model, n_prompts: int, images: int) -> None:
             return r
         return sample
 
-    rows = [("on (default: guided with the stage's scale)", "default", {}), ("off", "default", {"residual_diffusion": False}),
+    rows = [("on (default: guided with the stage's scale)", "default", {}),
+            ("off", "default", {"residual_diffusion": False}),
             ("guided with t = 2 instead (diagnostic only)", "t2", {}),
             ("unguided: the conditional rows alone (diagnostic only)", "cond", {}),
             ("unguided on the unconditional rows (diagnostic only)", "uncond", {})]
@@ -103,7 +104,8 @@ def tokenizer_rows(model, n: int) -> None:
         shuffled = flat[torch.randperm(flat.shape[0], generator=g)].view_as(resid)
         for name, r in [("codes only", None), ("codes + true residual", resid),
                         ("codes + the residual shuffled across tokens", shuffled),
-                        ("codes + Gaussian noise of its RMS", torch.randn(resid.shape, generator=g) * resid.std()),
+                        ("codes + Gaussian noise of its standard deviation",
+                         torch.randn(resid.shape, generator=g) * resid.std()),
                         ("codes + half the true residual", 0.5 * resid)]:
             latent = tok.tokens_to_latent(idx, pn) if r is None else tok.tokens_to_latent(idx, pn, r)
             u8 = to_uint8(tok.fhat_to_img(latent))

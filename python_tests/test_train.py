@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -180,9 +181,10 @@ def test_diffusion_loss_is_finite_and_positive():
 
 
 def test_guided_loss_terms_are_the_plain_loss_under_one_condition():
-    """With one condition for both halves the guided loss is three times the plain
-    hybrid loss of the same draw (the guided noise is the conditional one), and the
-    two predictions do not differ; with two conditions they do."""
+    """With one condition for both halves, each half's hybrid loss is the plain loss
+    of the same draw and the guided noise is the conditional one (its MSE is the
+    plain loss's MSE part); with two conditions the guided term is
+    (1 + w) eps_cond - w eps_uncond, replayed here by hand."""
     from hart_fast.model.diffusion import SimpleMLPAdaLN
     from hart_fast.train.diffusion_loss import guided_diffusion_loss
 
@@ -192,25 +194,26 @@ def test_guided_loss_terms_are_the_plain_loss_under_one_condition():
     for blk in net.res_blocks:
         torch.nn.init.normal_(blk.adaLN_modulation[-1].weight, std=0.1)
     sched = DiffusionTrainingSchedule()
-    target, z = torch.randn(32, 4) * 0.3, torch.randn(32, 8)
-    plain = diffusion_loss(net, target, z, sched, generator=torch.Generator().manual_seed(7))
+    target, z, z_u = torch.randn(32, 4) * 0.3, torch.randn(32, 8), torch.randn(32, 8)
     w = 5.0 * torch.rand(32, generator=torch.Generator().manual_seed(8))
-    same = guided_diffusion_loss(net, target, z, z, sched, w, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(same["diff_cond"], plain, rtol=1e-6, atol=0)
-    torch.testing.assert_close(same["diff_uncond"], plain, rtol=1e-6, atol=0)
-    assert float(same["eps_gap"]) == 0.0
-    torch.testing.assert_close(same["loss"], 2 * plain + same["mse_guided"], rtol=1e-6, atol=0)
-    z_u = torch.randn(32, 8)
-    two = guided_diffusion_loss(net, target, z, z_u, sched, w,
-                                generator=torch.Generator().manual_seed(7))
-    assert float(two["eps_gap"]) > 0
-    # The guided term from the draw replayed by hand: (1 + w) eps_cond - w eps_uncond.
+    # The draw replayed: timesteps, then noise, from the same generator.
     g = torch.Generator().manual_seed(7)
     t = torch.randint(0, sched.num_steps, (32,), generator=g)
     noise = torch.randn(32, 4, generator=g)
     x_t = sched.sqrt_ac[t, None] * target / 0.6 + sched.sqrt_1m_ac[t, None] * noise
     with torch.no_grad():
         eps_c, eps_u = net(x_t, t, z)[:, :4], net(x_t, t, z_u)[:, :4]
+
+    plain = diffusion_loss(net, target, z, sched, generator=torch.Generator().manual_seed(7))
+    same = guided_diffusion_loss(net, target, z, z, sched, w, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(same["diff_cond"], plain, rtol=1e-6, atol=0)
+    torch.testing.assert_close(same["diff_uncond"], plain, rtol=1e-6, atol=0)
+    assert float(same["eps_gap"]) == 0.0
+    torch.testing.assert_close(same["mse_guided"], (noise - eps_c).pow(2).mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(same["loss"], 2 * plain + same["mse_guided"], rtol=1e-6, atol=0)
+
+    two = guided_diffusion_loss(net, target, z, z_u, sched, w, generator=torch.Generator().manual_seed(7))
+    assert float(two["eps_gap"]) > 0
     want = (noise - ((1 + w[:, None]) * eps_c - w[:, None] * eps_u)).pow(2).mean()
     torch.testing.assert_close(two["mse_guided"], want, rtol=1e-5, atol=0)
     two["loss"].backward()
@@ -447,8 +450,8 @@ def test_the_demo_recipe_end_to_end_with_a_time_budget(tmp_path, phase1):
     from hart_fast.train import recipe
 
     work = str(tmp_path / "work")
-    r = dataclasses.replace(recipe.PROFILES["cpu"], tok_batch=2, tr_scenes=12, tr_batch=4, budget_s=1e-3,
-                            min_planned_steps=2, tok_phase1=phase1)
+    r = dataclasses.replace(recipe.PROFILES["cpu"], tok_batch=2, tr_scenes=12, res_scenes=8, tr_batch=4,
+                            budget_s=1e-3, min_planned_steps=2, tok_phase1=phase1)
     recipe.train_tokenizer_stage(work, r, progress=False)
     recipe.train_transformer_stage(work, r, progress=False)
     tr_ck = torch.load(os.path.join(work, "transformer", "checkpoint.pt"), weights_only=False)["modules"]
@@ -466,6 +469,22 @@ def test_the_demo_recipe_end_to_end_with_a_time_budget(tmp_path, phase1):
         want = res_ck[name[len("diffloss.net."):]] if name.startswith("diffloss.net.") else tr_ck["transformer"][name]
         assert torch.equal(p, want.half().float()), name
     assert any(not torch.equal(v, tr_ck["transformer"]["diffloss.net." + k]) for k, v in res_ck.items())
+    # The residual stage read the first res_scenes of the transformer's cached codes.
+    cached = torch.load(os.path.join(work, "encoded.pt"), weights_only=False)
+    part = recipe.encode_stage(work, r, recipe.load_tokenizer_stage(work, r), False, n=r.res_scenes)
+    assert part["captions"] == cached["captions"][:8] and len(cached["captions"]) == 12
+    assert all(torch.equal(part["data"][k], v[:8]) for k, v in cached["data"].items())
+    # An MLP refined for another transformer is not exported with this one.
+    stamp_path = os.path.join(work, "residual", "transformer_stamp.json")
+    with open(stamp_path) as f:
+        stamp = json.load(f)
+    with open(stamp_path, "w") as f:
+        json.dump(dict(stamp, transformer=stamp["transformer"] + 1), f)
+    with pytest.raises(RuntimeError, match="refined another transformer"):
+        recipe.export_stage(work, r, str(tmp_path / "model2"))
+    assert not os.path.exists(tmp_path / "model2")
+    with open(stamp_path, "w") as f:
+        json.dump(stamp, f)
     # A rerun finds every stage done: the plan is not probed again, nothing retrains.
     before = {n: os.path.getmtime(os.path.join(work, n, "checkpoint.pt")) for n in plan}
     recipe.train_tokenizer_stage(work, dataclasses.replace(r, budget_s=1e6), progress=False)
@@ -494,9 +513,14 @@ def test_the_residual_stage_from_a_model_folder_checks_it(tiny_dir, tmp_path, ca
     with pytest.raises(SystemExit):
         recipe.main(["--work", work, "--stage", "residual", "--from-model", str(tmp_path / "nowhere")])
     assert "is not a folder" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="is not the demo architecture"):
+    with pytest.raises(ValueError,
+                       match="is not the demo architecture: its llm/config.json has .*depth=2 \\(the recipe.s: 4\\)"):
         recipe.main(["--work", work, "--stage", "residual", "--from-model", tiny_dir])
-    assert not os.path.exists(os.path.join(work, "encoded.pt")) and not os.path.exists(os.path.join(work, "residual"))
+    no_te = str(tmp_path / "no-text-encoder")
+    shutil.copytree(DEMO_DIR, no_te, ignore=shutil.ignore_patterns("text_encoder"))
+    with pytest.raises(FileNotFoundError, match="has no text_encoder/ folder"):
+        recipe.main(["--work", work, "--stage", "residual", "--from-model", no_te])
+    assert not os.path.exists(work)
 
 
 def test_export_from_a_model_folder_without_a_residual_stage_keeps_its_weights(tmp_path):
@@ -579,3 +603,24 @@ def test_cli_train_demo_passes_from_model_to_the_residual_stage(tmp_path, monkey
     work = str(tmp_path / "w")
     assert cli.main(["train", "demo", "--work", work, "--stage", "residual", "--from-model", DEMO_DIR, "-q"]) == 0
     assert seen == [(work, recipe.PROFILES["cpu"].res_steps, DEMO_DIR)]
+
+
+def test_a_folder_started_before_a_recipe_setting_existed_takes_its_value(tmp_path):
+    """recipe.json of a folder from before the residual stage has no res_* keys: the
+    folder is accepted, the new settings are recorded, and changing them later is refused."""
+    import dataclasses
+
+    from hart_fast.train import recipe
+
+    work = str(tmp_path / "w")
+    os.makedirs(work)
+    r = recipe.Recipe()
+    old = {k: v for k, v in dataclasses.asdict(r).items()
+           if k not in recipe.RESUMABLE_ACROSS and not k.startswith("res_")}
+    with open(os.path.join(work, "recipe.json"), "w") as f:
+        json.dump(old, f)
+    recipe.check_recipe(work, r)
+    with open(os.path.join(work, "recipe.json")) as f:
+        assert json.load(f)["res_steps"] == r.res_steps
+    with pytest.raises(ValueError, match="res_steps"):
+        recipe.check_recipe(work, dataclasses.replace(r, res_steps=r.res_steps + 1))

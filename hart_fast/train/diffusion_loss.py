@@ -128,4 +128,5 @@ def guided_diffusion_loss(net: SimpleMLPAdaLN, target_NC: torch.Tensor, z_cond_N
             "mse_guided": mse_g.mean().detach(), "eps_gap": gap}
 
 
-__all__ = ["DiffusionTrainingSchedule", "diffusion_loss", "guided_diffusion_loss", "normal_kl", "discretized_gaussian_nll"]
+__all__ = ["DiffusionTrainingSchedule", "diffusion_loss", "guided_diffusion_loss", "normal_kl",
+           "discretized_gaussian_nll"]

@@ -152,8 +152,7 @@ def train_transformer(tr, tok, data: Dict[str, torch.Tensor], captions: Sequence
 
 def train_residual(tr, tok, data: Dict[str, torch.Tensor], captions: Sequence[str], encoder, run_dir: str, *,
                    steps: int, batch: int, lr: float, seed: int, guidance_max: float = 5.0, guided_weight: float = 1.0,
-                   warmup: int = 20,
-                   device="cpu", autocast_dtype=None, progress: bool = True):
+                   warmup: int = 20, device="cpu", autocast_dtype=None, progress: bool = True):
     """Train tr's residual MLP alone (the transformer frozen) on encoded images with
     captions, under both classifier-free-guidance conditions and their guided
     combination (`hart_fast.train.transformer.ResidualStep`)."""
@@ -163,20 +162,23 @@ def train_residual(tr, tok, data: Dict[str, torch.Tensor], captions: Sequence[st
     data, embeds, masks = encode_captions_of(data, captions, encoder)
     tr.to(device)
     net = tr.diffloss.net
-    for p in tr.parameters():
-        p.requires_grad_(False)
-    for p in net.parameters():
-        p.requires_grad_(True)
-    step = ResidualStep(tr, tok.quantize.embedding.weight.detach(), data, embeds, masks, batch, seed,
-                        guidance_max=guidance_max, guided_weight=guided_weight, device=device,
-                        autocast_dtype=autocast_dtype)
+    # Only the MLP trains (the transformer runs under no_grad anyway); the flags are
+    # given back as they were, whatever happens.
+    was = {p: p.requires_grad for p in tr.parameters()}
     try:
+        for p in tr.parameters():
+            p.requires_grad_(False)
+        for p in net.parameters():
+            p.requires_grad_(True)
+        step = ResidualStep(tr, tok.quantize.embedding.weight.detach(), data, embeds, masks, batch, seed,
+                            guidance_max=guidance_max, guided_weight=guided_weight, device=device,
+                            autocast_dtype=autocast_dtype)
         return train_loop(run_dir=run_dir, modules={"diffusion": net}, step_fn=step, steps=steps, lr=lr,
                           warmup=min(warmup, max(1, steps // 10)), seed=seed, desc="residual", ckpt_every=100,
                           log_every=10, progress=progress, fp16=autocast_dtype == torch.float16)
     finally:
-        for p in tr.parameters():
-            p.requires_grad_(True)
+        for p, flag in was.items():
+            p.requires_grad_(flag)
 
 
 def finetune(init_dir: str, data_dir: str, out_dir: str, *, work_dir: Optional[str] = None, steps: int = 500,

@@ -217,6 +217,12 @@ def check_recipe(work: str, r: Recipe) -> None:
     if os.path.exists(path):
         with open(path) as f:
             theirs = json.load(f)
+        # A folder started before a setting existed (the residual stage's) takes its
+        # value now, and keeps it from here on.
+        added = {k: v for k, v in mine.items() if k not in theirs}
+        if added:
+            theirs = dict(theirs, **added)
+            atomic_write_json(theirs, path)
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
             said = ", ".join(f"{k}={theirs.get(k)!r} (now {mine.get(k)!r})" for k in diff)
@@ -342,20 +348,21 @@ class RenderedScenes:
         return render_batch(self.scenes[sl], self.size, self.device)
 
 
-def encode_stage(work: str, r: Recipe, tok, progress: bool = True, n: Optional[int] = None):
+def encode_stage(work: str, r: Recipe, tok, progress: bool = True, n: Optional[int] = None,
+                 name: str = "encoded.pt"):
     """Codes of the first n (default: all tr_scenes) of the transformer's training
-    scenes, encoded once (cached in encoded.pt; a cache of more scenes is sliced)."""
+    scenes, encoded once (cached in WORK/name; a cache of more scenes is sliced)."""
     from hart_fast.train.common import atomic_save
     from hart_fast.train.scenes import SceneDataset
 
     n = r.tr_scenes if n is None else int(n)
-    path = os.path.join(work, "encoded.pt")
+    path = os.path.join(work, name)
     # Which tokenizer made the codes: a retrained tokenizer must not reuse old ones.
     stamp = float(tok.quantize.embedding.weight.detach().double().sum())
     if os.path.exists(path):
         cached = torch.load(path, weights_only=False)
         if cached.get("codebook_sum") == stamp and len(cached["captions"]) >= n:
-            return {"data": {k: v[:n] for k, v in cached["data"].items()}, "captions": cached["captions"][:n],
+            return {"data": {k: v[:n].clone() for k, v in cached["data"].items()}, "captions": cached["captions"][:n],
                     "codebook_sum": stamp}
     ds = SceneDataset(n, seed=step_seed(r.seed, 0, 12) % 2**31, size=r.image_size)
     scenes = [ds.scene(i) for i in range(len(ds))]
@@ -430,43 +437,60 @@ def transformer_stamp(tr) -> float:
 
 
 def base_models(work: str, r: Recipe, from_model: Optional[str]):
-    """(transformer, tokenizer, text-encoder folder) the residual stage starts from: the
-    work folder's finished stages, or an exported model folder (`--from-model`)."""
+    """(transformer, tokenizer, text-encoder folder, text encoder) the residual stage
+    starts from: the work folder's finished stages, or an exported model folder
+    (`--from-model`), checked whole before anything is written."""
+    import dataclasses as dc
+
+    from hart_fast.config import TokenizerConfig, TransformerConfig
+    from hart_fast.text_encoder import as_text_encoder
+
     if from_model is None:
         tok = load_tokenizer_stage(work, r)
-        return load_transformer_stage(work, r, tok), tok, text_encoder_stage(work, r)
-    from hart_fast.loading import load_models
+        tr, te_dir = load_transformer_stage(work, r, tok), text_encoder_stage(work, r)
+    else:
+        from hart_fast.loading import load_models
 
-    tr, tok, _ = load_models(from_model)
-    cfg = {k: getattr(tr.cfg, k) for k in ("depth", "embed_dim", "diff_width", "diff_depth")}
-    want = {k: DEMO_TRANSFORMER[k] for k in cfg}
-    if cfg != want or list(tr.cfg.patch_nums) != DEMO_TRANSFORMER["patch_nums"] or tok.V != DEMO_TOKENIZER["vocab_size"]:
-        raise ValueError(f"--from-model {from_model!r} is not the demo architecture ({cfg}, patch_nums "
-                         f"{list(tr.cfg.patch_nums)}, vocab {tok.V}; the recipe's: {want}, "
-                         f"{DEMO_TRANSFORMER['patch_nums']}, {DEMO_TOKENIZER['vocab_size']})")
-    if not tok.has_encoder:
-        raise ValueError(f"--from-model {from_model!r}: its tokenizer has no encoder weights, so it cannot encode "
-                         f"the training scenes")
-    te_dir = os.path.join(from_model, "text_encoder")
-    if not os.path.isdir(te_dir):
-        raise FileNotFoundError(f"--from-model {from_model!r} has no text_encoder/ folder")
-    return tr.eval(), tok.eval(), te_dir
+        tr, tok, _ = load_models(from_model)
+        for got, want, part in ((tr.cfg, TransformerConfig.from_dict(dict(DEMO_TRANSFORMER)), "llm"),
+                                (tok.cfg, TokenizerConfig.from_dict(dict(DEMO_TOKENIZER)), "tokenizer")):
+            diff = [f"{f.name}={getattr(got, f.name)!r} (the recipe's: {getattr(want, f.name)!r})"
+                    for f in dc.fields(want) if getattr(got, f.name) != getattr(want, f.name)]
+            if diff:
+                raise ValueError(f"--from-model {from_model!r} is not the demo architecture: its {part}/config.json "
+                                 f"has {', '.join(diff)}")
+        if not tok.has_encoder:
+            raise ValueError(f"--from-model {from_model!r}: its tokenizer has no encoder weights, so it cannot "
+                             f"encode the training scenes")
+        te_dir = os.path.join(from_model, "text_encoder")
+        if not os.path.isdir(te_dir):
+            raise FileNotFoundError(f"--from-model {from_model!r} has no text_encoder/ folder")
+    te = as_text_encoder(te_dir, max_length=DEMO_TRANSFORMER["context_token"])
+    if getattr(te, "hidden_size", tr.cfg.context_dim) != tr.cfg.context_dim:
+        raise ValueError(f"text encoder {te_dir!r} has hidden size {te.hidden_size}, but the transformer expects "
+                         f"context_dim {tr.cfg.context_dim}")
+    return tr.eval(), tok.eval(), te_dir, te
+
+
+def residual_stamp(tr, from_model: Optional[str]) -> dict:
+    """Which transformer a residual checkpoint refines (the stage and the export compare it)."""
+    return {"transformer": transformer_stamp(tr), "from_model": from_model and os.path.abspath(from_model)}
 
 
 def train_residual_stage(work: str, r: Recipe, progress: bool = True, from_model: Optional[str] = None):
     """The residual MLP refined under guidance, the transformer frozen (WORK/residual/)."""
-    from hart_fast.text_encoder import as_text_encoder
-    from hart_fast.train.finetune import train_residual
+    from hart_fast.train.finetune import encode_captions_of, train_residual
     from hart_fast.train.transformer import ResidualStep
 
-    tr, tok, te_dir = base_models(work, r, from_model)   # checked before anything is written
+    tr, tok, _, te = base_models(work, r, from_model)   # all checked before anything is written
     check_recipe(work, r)
     # The MLP needs fewer scenes than the transformer: the first res_scenes of its set.
-    enc = encode_stage(work, r, tok.to(r.device), progress, n=min(r.res_scenes, r.tr_scenes))
-    te = as_text_encoder(te_dir, max_length=DEMO_TRANSFORMER["context_token"])
+    # Codes of another folder's tokenizer go to their own cache: the work folder's stays.
+    enc = encode_stage(work, r, tok.to(r.device), progress, n=min(r.res_scenes, r.tr_scenes),
+                       name="encoded.pt" if from_model is None else "encoded_from_model.pt")
     run_dir = os.path.join(work, "residual")
     # A residual checkpoint refined on another transformer must not be resumed.
-    stamp = {"transformer": transformer_stamp(tr), "from_model": from_model and os.path.abspath(from_model)}
+    stamp = residual_stamp(tr, from_model)
     stamp_path = os.path.join(run_dir, "transformer_stamp.json")
     if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
         old = json.load(open(stamp_path)) if os.path.exists(stamp_path) else None
@@ -479,11 +503,10 @@ def train_residual_stage(work: str, r: Recipe, progress: bool = True, from_model
     atomic_write_json(stamp, stamp_path)
 
     def probe() -> float:
-        from hart_fast.train.finetune import encode_captions_of
-
         data, embeds, masks = encode_captions_of(enc["data"], enc["captions"], te)
         step = ResidualStep(tr.to(r.device), tok.quantize.embedding.weight.detach(), data, embeds, masks,
-                            r.tr_batch, r.seed, device=r.device, autocast_dtype=r.autocast_dtype)
+                            r.tr_batch, r.seed, guidance_max=r.res_guidance_max, guided_weight=r.res_guided_weight,
+                            device=r.device, autocast_dtype=r.autocast_dtype)
         return seconds_per_step({"diffusion": tr.diffloss.net}, step)
 
     steps = stage_steps(work, r, "residual", r.res_steps, probe)
@@ -494,11 +517,21 @@ def train_residual_stage(work: str, r: Recipe, progress: bool = True, from_model
     return tr, tok
 
 
-def load_residual_stage_(work: str, r: Recipe, tr) -> None:
-    """Load the finished residual stage's MLP into tr (in place)."""
-    path = os.path.join(work, "residual", "checkpoint.pt")
+def load_residual_stage_(work: str, r: Recipe, tr, from_model: Optional[str] = None) -> None:
+    """Load the finished residual stage's MLP into tr (in place), refusing one that
+    refined another transformer than tr."""
+    run_dir = os.path.join(work, "residual")
+    path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.exists(path):
         raise RuntimeError(f"the residual stage in {work} has not finished ({path} is missing); run it first")
+    stamp_path = os.path.join(run_dir, "transformer_stamp.json")
+    old = json.load(open(stamp_path)) if os.path.exists(stamp_path) else None
+    if old != residual_stamp(tr, from_model):
+        was = "no record" if old is None else (f"--from-model {old['from_model']!r}" if old.get("from_model")
+                                               else "this folder's transformer stage, as it then was")
+        now = f"--from-model {from_model!r}" if from_model else "this folder's transformer stage"
+        raise RuntimeError(f"the residual stage in {work} refined another transformer ({was}) than the one being "
+                           f"exported ({now}); rerun --stage residual with the same options first")
     ck = torch.load(path, map_location="cpu", weights_only=False)
     steps = planned_steps(work, "residual", r.res_steps)
     if ck["step"] < steps:
@@ -529,9 +562,9 @@ def export_stage(work: str, r: Recipe, out_dir: str, from_model: Optional[str] =
     from hart_fast.config import TransformerConfig
     from hart_fast.train.export import save_model_folder
 
-    tr, tok, te_dir = base_models(work, r, from_model)
+    tr, tok, te_dir, _ = base_models(work, r, from_model)
     if r.res_steps:
-        load_residual_stage_(work, r, tr)
+        load_residual_stage_(work, r, tr, from_model)
     cfg = TransformerConfig.from_dict(dict(DEMO_TRANSFORMER))
     readme = DEMO_README.format(V=tok.V, Cvae=tok.Cvae, pn=list(cfg.patch_nums), depth=cfg.depth, C=cfg.embed_dim,
                                 dw=cfg.diff_width, dd=cfg.diff_depth, D=cfg.context_dim)
