@@ -619,6 +619,11 @@ def test_a_folder_started_before_a_recipe_setting_existed_takes_its_value(tmp_pa
            if k not in recipe.RESUMABLE_ACROSS and not k.startswith("res_")}
     with open(os.path.join(work, "recipe.json"), "w") as f:
         json.dump(old, f)
+    # Refused for another reason (tr_steps), it records nothing.
+    with pytest.raises(ValueError, match="tr_steps"):
+        recipe.check_recipe(work, dataclasses.replace(r, tr_steps=r.tr_steps + 1))
+    with open(os.path.join(work, "recipe.json")) as f:
+        assert json.load(f) == old
     recipe.check_recipe(work, r)
     with open(os.path.join(work, "recipe.json")) as f:
         assert json.load(f)["res_steps"] == r.res_steps

@@ -220,14 +220,14 @@ def check_recipe(work: str, r: Recipe) -> None:
         # A folder started before a setting existed (the residual stage's) takes its
         # value now, and keeps it from here on.
         added = {k: v for k, v in mine.items() if k not in theirs}
-        if added:
-            theirs = dict(theirs, **added)
-            atomic_write_json(theirs, path)
+        theirs = dict(theirs, **added)
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
             said = ", ".join(f"{k}={theirs.get(k)!r} (now {mine.get(k)!r})" for k in diff)
             raise ValueError(f"{work} was started with another recipe: {said}; rerun it with the options it "
                              f"started with, or use another --work folder")
+        if added:
+            atomic_write_json(theirs, path)
         return
     atomic_write_json(mine, path)
 
