@@ -161,24 +161,13 @@ def train_residual(tr, tok, data: Dict[str, torch.Tensor], captions: Sequence[st
 
     data, embeds, masks = encode_captions_of(data, captions, encoder)
     tr.to(device)
-    net = tr.diffloss.net
-    # Only the MLP trains (the transformer runs under no_grad anyway); the flags are
-    # given back as they were, whatever happens.
-    was = {p: p.requires_grad for p in tr.parameters()}
-    try:
-        for p in tr.parameters():
-            p.requires_grad_(False)
-        for p in net.parameters():
-            p.requires_grad_(True)
-        step = ResidualStep(tr, tok.quantize.embedding.weight.detach(), data, embeds, masks, batch, seed,
-                            guidance_max=guidance_max, guided_weight=guided_weight, device=device,
-                            autocast_dtype=autocast_dtype)
-        return train_loop(run_dir=run_dir, modules={"diffusion": net}, step_fn=step, steps=steps, lr=lr,
-                          warmup=min(warmup, max(1, steps // 10)), seed=seed, desc="residual", ckpt_every=100,
-                          log_every=10, progress=progress, fp16=autocast_dtype == torch.float16)
-    finally:
-        for p, flag in was.items():
-            p.requires_grad_(flag)
+    # Only the MLP is handed to the optimizer; ResidualStep runs the transformer under no_grad.
+    step = ResidualStep(tr, tok.quantize.embedding.weight.detach(), data, embeds, masks, batch, seed,
+                        guidance_max=guidance_max, guided_weight=guided_weight, device=device,
+                        autocast_dtype=autocast_dtype)
+    return train_loop(run_dir=run_dir, modules={"diffusion": tr.diffloss.net}, step_fn=step, steps=steps, lr=lr,
+                      warmup=min(warmup, max(1, steps // 10)), seed=seed, desc="residual", ckpt_every=100,
+                      log_every=10, progress=progress, fp16=autocast_dtype == torch.float16)
 
 
 def finetune(init_dir: str, data_dir: str, out_dir: str, *, work_dir: Optional[str] = None, steps: int = 500,

@@ -317,18 +317,24 @@ def text_encoder_stage(work: str, r: Recipe) -> str:
     return path
 
 
+def finished_checkpoint(work: str, stage: str, phase: str, default_steps: int) -> dict:
+    """The checkpoint of a finished stage phase (WORK/phase/checkpoint.pt at its planned
+    step count); an error naming the stage when it is missing or unfinished."""
+    steps = planned_steps(work, phase, default_steps)
+    path = os.path.join(work, phase, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise RuntimeError(f"the {stage} stage in {work} has not finished ({path} is missing); run it first")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if ck["step"] < steps:
+        where = f" ({phase})" if phase != stage else ""
+        raise RuntimeError(f"the {stage} stage in {work}{where} is at step {ck['step']} of {steps}; run it first")
+    return ck
+
+
 def load_tokenizer_stage(work: str, r: Recipe):
     tok = build_tokenizer(DEMO_TOKENIZER, 0)
     phase, steps = ("tokenizer_objects", r.tok_refine_steps) if r.tok_refine_steps else ("tokenizer", r.tok_steps)
-    steps = planned_steps(work, phase, steps)
-    path = os.path.join(work, phase, "checkpoint.pt")
-    if not os.path.exists(path):
-        raise RuntimeError(f"the tokenizer stage in {work} has not finished ({path} is missing); run it first")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    if ck["step"] < steps:
-        raise RuntimeError(f"the tokenizer stage in {work} ({phase}) is at step {ck['step']} of {steps}; "
-                           f"run it first")
-    tok.load_state_dict(ck["modules"]["tokenizer"])
+    tok.load_state_dict(finished_checkpoint(work, "tokenizer", phase, steps)["modules"]["tokenizer"])
     return tok.eval()
 
 
@@ -362,6 +368,9 @@ def encode_stage(work: str, r: Recipe, tok, progress: bool = True, n: Optional[i
     if os.path.exists(path):
         cached = torch.load(path, weights_only=False)
         if cached.get("codebook_sum") == stamp and len(cached["captions"]) >= n:
+            if len(cached["captions"]) == n:
+                return cached
+            # Copies: views would keep the whole cache alive.
             return {"data": {k: v[:n].clone() for k, v in cached["data"].items()}, "captions": cached["captions"][:n],
                     "codebook_sum": stamp}
     ds = SceneDataset(n, seed=step_seed(r.seed, 0, 12) % 2**31, size=r.image_size)
@@ -374,6 +383,22 @@ def encode_stage(work: str, r: Recipe, tok, progress: bool = True, n: Optional[i
     out = {"data": data, "captions": [sc.caption for sc in scenes], "codebook_sum": stamp}
     atomic_save(out, path)
     return out
+
+
+def stamp_run_dir(run_dir: str, stamp_name: str, stamp: dict, what_differs: str) -> None:
+    """Record what a stage's run folder trains on (run_dir/stamp_name); a checkpoint
+    left there from other inputs is removed with its loss log, so the stage starts
+    afresh instead of resuming it."""
+    stamp_path = os.path.join(run_dir, stamp_name)
+    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        old = json.load(open(stamp_path)) if os.path.exists(stamp_path) else None
+        if old != stamp:
+            print(f"{run_dir}: its checkpoint {what_differs}; starting it afresh")
+            for name in ("checkpoint.pt", "loss_log.jsonl"):
+                if os.path.exists(os.path.join(run_dir, name)):
+                    os.unlink(os.path.join(run_dir, name))
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write_json(stamp, stamp_path)
 
 
 def build_transformer(tok):
@@ -397,18 +422,8 @@ def train_transformer_stage(work: str, r: Recipe, progress: bool = True):
     tr = build_transformer(tok)
     run_dir = os.path.join(work, "transformer")
     # A transformer checkpoint trained on another tokenizer's codes must not be resumed.
-    stamp_path = os.path.join(run_dir, "tokenizer_stamp.json")
-    stamp = {"codebook_sum": enc["codebook_sum"]}
-    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-        old = json.load(open(stamp_path)) if os.path.exists(stamp_path) else None
-        if old != stamp:
-            print(f"{run_dir}: its checkpoint was trained on another tokenizer's codes; starting it afresh")
-            for name in ("checkpoint.pt", "loss_log.jsonl"):
-                if os.path.exists(os.path.join(run_dir, name)):
-                    os.unlink(os.path.join(run_dir, name))
-    os.makedirs(run_dir, exist_ok=True)
-    with open(stamp_path, "w") as f:
-        json.dump(stamp, f)
+    stamp_run_dir(run_dir, "tokenizer_stamp.json", {"codebook_sum": enc["codebook_sum"]},
+                  "was trained on another tokenizer's codes")
     train_transformer(tr, tok, enc["data"], enc["captions"], te, run_dir,
                       steps=lambda modules, step: stage_steps(work, r, "transformer", r.tr_steps,
                                                               lambda: seconds_per_step(modules, step)),
@@ -420,14 +435,7 @@ def train_transformer_stage(work: str, r: Recipe, progress: bool = True):
 def load_transformer_stage(work: str, r: Recipe, tok):
     """The finished transformer stage's model (residual MLP included), in eval mode."""
     tr = build_transformer(tok)
-    path = os.path.join(work, "transformer", "checkpoint.pt")
-    if not os.path.exists(path):
-        raise RuntimeError(f"the transformer stage in {work} has not finished ({path} is missing); run it first")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    tr_steps = planned_steps(work, "transformer", r.tr_steps)
-    if ck["step"] < tr_steps:
-        raise RuntimeError(f"the transformer stage in {work} is at step {ck['step']} of {tr_steps}; run it first")
-    tr.load_state_dict(ck["modules"]["transformer"])
+    tr.load_state_dict(finished_checkpoint(work, "transformer", "transformer", r.tr_steps)["modules"]["transformer"])
     return tr.eval()
 
 
@@ -490,17 +498,8 @@ def train_residual_stage(work: str, r: Recipe, progress: bool = True, from_model
                        name="encoded.pt" if from_model is None else "encoded_from_model.pt")
     run_dir = os.path.join(work, "residual")
     # A residual checkpoint refined on another transformer must not be resumed.
-    stamp = residual_stamp(tr, from_model)
-    stamp_path = os.path.join(run_dir, "transformer_stamp.json")
-    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-        old = json.load(open(stamp_path)) if os.path.exists(stamp_path) else None
-        if old != stamp:
-            print(f"{run_dir}: its checkpoint refined another transformer's MLP; starting it afresh")
-            for name in ("checkpoint.pt", "loss_log.jsonl"):
-                if os.path.exists(os.path.join(run_dir, name)):
-                    os.unlink(os.path.join(run_dir, name))
-    os.makedirs(run_dir, exist_ok=True)
-    atomic_write_json(stamp, stamp_path)
+    stamp_run_dir(run_dir, "transformer_stamp.json", residual_stamp(tr, from_model),
+                  "refined another transformer's MLP")
 
     def probe() -> float:
         data, embeds, masks = encode_captions_of(enc["data"], enc["captions"], te)
@@ -520,11 +519,8 @@ def train_residual_stage(work: str, r: Recipe, progress: bool = True, from_model
 def load_residual_stage_(work: str, r: Recipe, tr, from_model: Optional[str] = None) -> None:
     """Load the finished residual stage's MLP into tr (in place), refusing one that
     refined another transformer than tr."""
-    run_dir = os.path.join(work, "residual")
-    path = os.path.join(run_dir, "checkpoint.pt")
-    if not os.path.exists(path):
-        raise RuntimeError(f"the residual stage in {work} has not finished ({path} is missing); run it first")
-    stamp_path = os.path.join(run_dir, "transformer_stamp.json")
+    ck = finished_checkpoint(work, "residual", "residual", r.res_steps)
+    stamp_path = os.path.join(work, "residual", "transformer_stamp.json")
     old = json.load(open(stamp_path)) if os.path.exists(stamp_path) else None
     if old != residual_stamp(tr, from_model):
         was = "no record" if old is None else (f"--from-model {old['from_model']!r}" if old.get("from_model")
@@ -532,10 +528,6 @@ def load_residual_stage_(work: str, r: Recipe, tr, from_model: Optional[str] = N
         now = f"--from-model {from_model!r}" if from_model else "this folder's transformer stage"
         raise RuntimeError(f"the residual stage in {work} refined another transformer ({was}) than the one being "
                            f"exported ({now}); rerun --stage residual with the same options first")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    steps = planned_steps(work, "residual", r.res_steps)
-    if ck["step"] < steps:
-        raise RuntimeError(f"the residual stage in {work} is at step {ck['step']} of {steps}; run it first")
     tr.diffloss.net.load_state_dict(ck["modules"]["diffusion"])
 
 
