@@ -102,6 +102,66 @@ def test_object_weighted_loss_is_the_weighted_reconstruction(tiny_dir):
     assert abs(float(want) - float(plain)) > 1e-4 * float(plain)  # the weighting is not a no-op here
 
 
+def test_dilated_mask_and_edge_loss_are_the_stated_sums(tiny_dir):
+    """mask_dilate k widens the object weights to every pixel within k (Chebyshev) of
+    an object pixel; edge_weight e adds e times the L1 of the weighted error's
+    horizontal and vertical pixel-to-pixel differences. Recomputed here by shifting
+    the mask, not by pooling."""
+    from hart_fast.train.scenes import to_tensor_pm1
+    from hart_fast.train.tokenizer import object_mask
+
+    _, tok, _ = load_models(tiny_dir)
+    imgs, _ = tiny_images(4)
+    x = to_tensor_pm1(imgs)
+    step = TokenizerStep(tok, lambda s: x, TINY_TOK["v_patch_nums"], object_weight=4.0, mask_dilate=1,
+                         edge_weight=0.5)
+    step.initialised = True
+    got = step(0)
+    with torch.no_grad():
+        f = tok.img_to_latent(x)
+        f_hat, vq, _, _ = quantize_for_training(tok, f, TINY_TOK["v_patch_nums"], beta=0.25)
+        rec = tok.decoder(tok.post_quant_conv(torch.cat([f_hat[:2], f[2:]])))
+        m = object_mask(x)[:, 0].numpy() > 0.5
+        H, W = m.shape[1:]
+        wide = np.zeros_like(m)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                shifted = np.zeros_like(m)
+                shifted[:, max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = \
+                    m[:, max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+                wide |= shifted
+        assert wide.sum() > m.sum()  # the widening adds pixels here
+        w = torch.from_numpy(1 + 4.0 * wide.astype(np.float32))[:, None]
+        w = w / w.mean()
+        d = rec - x
+        edge = ((d[..., :, 1:] - d[..., :, :-1]) * w[..., :, 1:]).abs().mean() + \
+            ((d[..., 1:, :] - d[..., :-1, :]) * w[..., 1:, :]).abs().mean()
+        want = (w * d ** 2).mean() + (w * d.abs()).mean() + 0.5 * edge + vq
+    assert float(got["loss"]) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_recipe_tokenizer_autocast_follows_the_cpu(monkeypatch):
+    import dataclasses
+
+    from hart_fast import speed
+    from hart_fast.train import recipe
+
+    r = recipe.PROFILES["cpu"]
+    assert r.tok_cpu_autocast == "auto"
+    monkeypatch.setattr(speed, "cpu_native_bf16", lambda: True)
+    assert r.tok_autocast_dtype == torch.bfloat16
+    monkeypatch.setattr(speed, "cpu_native_bf16", lambda: False)
+    assert r.tok_autocast_dtype is None
+    assert dataclasses.replace(r, tok_cpu_autocast="bfloat16").tok_autocast_dtype == torch.bfloat16
+    assert dataclasses.replace(r, tok_cpu_autocast="none").tok_autocast_dtype is None
+    # A GPU profile's autocast applies to the tokenizer too.
+    assert recipe.PROFILES["gpu"].tok_autocast_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="tok_cpu_autocast"):
+        dataclasses.replace(r, tok_cpu_autocast="fp8").tok_autocast_dtype
+    # How the tokenizer computes, not what it learns: a folder may resume under another.
+    assert "tok_cpu_autocast" in recipe.RESUMABLE_ACROSS
+
+
 def test_training_quantiser_matches_the_inference_quantiser(tiny_dir):
     _, tok, _ = load_models(tiny_dir)
     imgs, _ = tiny_images(4, seed=1)

@@ -61,13 +61,25 @@ DEMO_TRANSFORMER = dict(
 class Recipe:
     seed: int = 0
     image_size: int = 64
-    tok_steps: int = 2000
+    # 3,500 + 1,500 tokenizer steps since the sixth model (2,000 + 1,000 before): in
+    # bfloat16 on a CPU with native bfloat16 they take the time the 3,000 took in float32.
+    tok_steps: int = 3500
     tok_batch: int = 8
     tok_lr: float = 1e-3
     tok_warmup: int = 50
-    tok_refine_steps: int = 1000
+    tok_refine_steps: int = 1500
     tok_refine_lr: float = 3e-4
     tok_object_weight: float = 4.0
+    # The object mask widened by this many pixels (a max-pool), so the background between
+    # a small star's points, where a blurred reconstruction bleeds colour, weighs as
+    # much as the object; and an L1 loss on the error's pixel-to-pixel differences,
+    # which a blurred edge pays for and a flat region does not (BENCHMARKS.md, "Sixth model").
+    tok_mask_dilate: int = 2
+    tok_edge_weight: float = 1.0
+    # Autocast of the tokenizer stage on a CPU: "auto" is bfloat16 where the CPU has it
+    # natively (AVX512-BF16 / AMX: twice the float32 step rate there) and float32
+    # elsewhere; "bfloat16" or "none" force it. A GPU profile's `autocast` wins.
+    tok_cpu_autocast: str = "auto"
     # Phase 1's stream: "objects" (phase 2's half-crowded, object-weighted stream from
     # the start, which learns the objects far sooner: BENCHMARKS.md, tokenizer variants)
     # or "plain" (captioned scenes, unweighted: the first embedded model's recipe).
@@ -95,6 +107,19 @@ class Recipe:
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
         return {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.autocast]
+
+    @property
+    def tok_autocast_dtype(self) -> Optional[torch.dtype]:
+        """The tokenizer stage's autocast dtype (see tok_cpu_autocast)."""
+        if torch.device(self.device).type != "cpu" or self.autocast is not None:
+            return self.autocast_dtype
+        if self.tok_cpu_autocast not in ("auto", "bfloat16", "none"):
+            raise ValueError(f"tok_cpu_autocast must be 'auto', 'bfloat16' or 'none', got {self.tok_cpu_autocast!r}")
+        if self.tok_cpu_autocast == "auto":
+            from hart_fast.speed import cpu_native_bf16
+
+            return torch.bfloat16 if cpu_native_bf16() else None
+        return torch.bfloat16 if self.tok_cpu_autocast == "bfloat16" else None
 
 
 # The budget's share of every stage (the encode between them is not counted).
@@ -204,7 +229,7 @@ def stage_steps(work: str, r: Recipe, name: str, fixed_steps: int, probe: Callab
 
 
 # What may change between the runs of one folder: where it trains, not what.
-RESUMABLE_ACROSS = ("device", "autocast", "budget_s", "min_planned_steps")
+RESUMABLE_ACROSS = ("device", "autocast", "tok_cpu_autocast", "budget_s", "min_planned_steps")
 
 
 def check_recipe(work: str, r: Recipe) -> None:
@@ -253,10 +278,14 @@ def train_tokenizer_stage(work: str, r: Recipe, progress: bool = True):
     check_recipe(work, r)
     tok = build_tokenizer(DEMO_TOKENIZER, step_seed(r.seed, 0, 10)).to(r.device)
     objects = r.tok_phase1 == "objects"
+    dtype = r.tok_autocast_dtype
+    print(f"tokenizer: {'float32' if dtype is None else str(dtype).split('.')[-1]} on {r.device}", flush=True)
+    weighting = dict(mask_dilate=r.tok_mask_dilate, edge_weight=r.tok_edge_weight)
     stream = refine_images_fn if objects else scene_images_fn
     with stream(step_seed(r.seed, 0, 11) % 2**31, r.tok_batch, r.image_size, r.device) as images:
         step = TokenizerStep(tok, images, DEMO_TOKENIZER["v_patch_nums"],
-                             object_weight=r.tok_object_weight if objects else 0.0, autocast_dtype=r.autocast_dtype)
+                             object_weight=r.tok_object_weight if objects else 0.0, autocast_dtype=dtype,
+                             **(weighting if objects else {}))
         modules = {"tokenizer": tok}
         steps = stage_steps(work, r, "tokenizer", r.tok_steps, lambda: seconds_per_step(modules, step))
         train_loop(run_dir=os.path.join(work, "tokenizer"), modules=modules, step_fn=step, steps=steps,
@@ -266,7 +295,7 @@ def train_tokenizer_stage(work: str, r: Recipe, progress: bool = True):
         # Phase 2 starts from phase 1's weights, with a fresh optimizer and usage counts.
         with refine_images_fn(step_seed(r.seed, 0, 13) % 2**31, r.tok_batch, r.image_size, r.device) as images:
             step = TokenizerStep(tok, images, DEMO_TOKENIZER["v_patch_nums"], object_weight=r.tok_object_weight,
-                                 autocast_dtype=r.autocast_dtype)
+                                 autocast_dtype=dtype, **weighting)
             step.initialised = True
             steps = stage_steps(work, r, "tokenizer_objects", r.tok_refine_steps,
                                 lambda: seconds_per_step(modules, step))

@@ -105,9 +105,11 @@ class TokenizerStep:
     """step_fn for train_loop: one batch of images -> the tokenizer's losses."""
 
     def __init__(self, tok: HartTokenizer, images_fn, patch_nums, beta: float = 0.25, restart_every: int = 50,
-                 object_weight: float = 0.0, autocast_dtype: Optional[torch.dtype] = None):
+                 object_weight: float = 0.0, autocast_dtype: Optional[torch.dtype] = None,
+                 mask_dilate: int = 0, edge_weight: float = 0.0):
         self.tok, self.images_fn = tok, images_fn
         self.object_weight = float(object_weight)
+        self.mask_dilate, self.edge_weight = int(mask_dilate), float(edge_weight)
         self.patch_nums = list(patch_nums)
         self.beta = beta
         self.restart_every = restart_every
@@ -164,11 +166,23 @@ class TokenizerStep:
         mse = F.mse_loss(rec, x)
         l1 = F.l1_loss(rec, x)
         if self.object_weight:
-            w = 1 + self.object_weight * object_mask(x)
+            m = object_mask(x)
+            if self.mask_dilate:
+                k = 2 * self.mask_dilate + 1
+                m = F.max_pool2d(m, k, stride=1, padding=self.mask_dilate)
+            w = 1 + self.object_weight * m
             w = w / w.mean()  # the same overall scale as the unweighted losses
             rec_loss = (w * (rec - x) ** 2).mean() + (w * (rec - x).abs()).mean()
         else:
+            w = None
             rec_loss = mse + l1
+        if self.edge_weight:
+            d = rec - x
+            gx, gy = d[..., :, 1:] - d[..., :, :-1], d[..., 1:, :] - d[..., :-1, :]
+            if w is not None:
+                gx, gy = gx * w[..., :, 1:], gy * w[..., 1:, :]
+            edge = gx.abs().mean() + gy.abs().mean()
+            rec_loss = rec_loss + self.edge_weight * edge
         loss = rec_loss + vq
         with torch.no_grad():
             used = sum((torch.bincount(i.reshape(-1), minlength=tok.V) > 0).sum() for i in idx_list[-2:])
