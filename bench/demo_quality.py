@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hart_fast.eval.judge import ATTRIBUTES, accuracy, judge  # noqa: E402
+from hart_fast.eval.judge import ATTRIBUTES, accuracy, judge, shape_by_size  # noqa: E402
 from hart_fast.eval.quality import format_row as row  # noqa: E402
 from hart_fast.eval.quality import generate_images  # noqa: E402
 from hart_fast.train.scenes import heldout_prompts, render, scene_at, seen_prompts, to_tensor_pm1  # noqa: E402
@@ -141,12 +141,16 @@ def main():
         rep = [s for s in scenes for _ in range(args.images)]
         js = [judge(im) for im in imgs]
         results[name] = accuracy(js, rep)
+        results[f"{name}: shape by size"] = shape_by_size(js, rep)
         print(row(name, results[name]))
         if name.startswith("held-out, residual on"):
             grid_imgs = imgs
             shuffled = rep[args.images:] + rep[:args.images]  # every image scored against another prompt
             results["control: scored against another prompt"] = accuracy(js, shuffled)
     print(row("control: scored against another prompt", results["control: scored against another prompt"]))
+    print("\nshape by the asked size (small / large, %): " + "; ".join(
+        f"{k.split(':')[0]} {100 * v.get('small', float('nan')):.1f} / {100 * v.get('large', float('nan')):.1f}"
+        for k, v in results.items() if k.endswith("shape by size")))
 
     import hart_fast
 

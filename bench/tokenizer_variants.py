@@ -14,6 +14,12 @@ and the judge's per-attribute accuracy. One JSON line per variant.
 
 scores saved tokenizer checkpoints of the demo recipe (`hart-fast train demo`)
 the same way, one JSON line each: the rows of a run in progress.
+
+    python bench/tokenizer_variants.py --model MODEL_DIR [--renders 192]
+
+scores the tokenizer of an exported model folder (the embedded demo:
+hart_fast/assets/hart-demo). Every score has the shape accuracy by object size
+too (shape_small, shape_large, in percent).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hart_fast.eval.judge import accuracy, judge  # noqa: E402
+from hart_fast.eval.judge import accuracy, judge, shape_by_size  # noqa: E402
 from hart_fast.train import recipe  # noqa: E402
 from hart_fast.train.common import train_loop  # noqa: E402
 from hart_fast.train.scenes import heldout_prompts, render, to_tensor_pm1  # noqa: E402
@@ -62,7 +68,9 @@ def score(tok, patch_nums, device="cpu", n: int = 64) -> dict:
     out = {}
     for kind in ("with_residual", "codes_only"):
         r = rec[kind].float().clamp(-1, 1)
-        acc = accuracy([judge(im) for im in to_uint8(r)], scenes)
+        judged = [judge(im) for im in to_uint8(r)]
+        acc = accuracy(judged, scenes)
+        acc.update({f"shape_{size}": v for size, v in shape_by_size(judged, scenes).items()})
         out[kind] = {"psnr": round(float(10 * torch.log10(4 / ((r - x) ** 2).mean())), 2),
                      "object_mse": round(float(((r - x) ** 2 * m).sum() / (3 * m.sum())), 4),
                      **{a: round(100 * v, 1) for a, v in acc.items()}}
@@ -78,6 +86,16 @@ def score_checkpoint(path: str, device: str = "cpu", n: int = 64) -> dict:
             **score(tok.to(device), recipe.DEMO_TOKENIZER["v_patch_nums"], device, n)}
 
 
+def score_model(model_dir: str, device: str = "cpu", n: int = 64) -> dict:
+    """score() of the tokenizer of an exported model folder (it needs its encoder)."""
+    from hart_fast.loading import load_models
+
+    _, tok, _ = load_models(model_dir)
+    if not tok.has_encoder:
+        raise SystemExit(f"{model_dir}: its tokenizer has no encoder weights, so it cannot reconstruct renders")
+    return {"model": model_dir, **score(tok.float().to(device), tok.cfg.v_patch_nums, device, n)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=500)
@@ -86,10 +104,17 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="c64:64:plain:0,c64obj:64:refine:4,c128:128:plain:0")
     p.add_argument("--checkpoint", action="append", default=[],
                    help="score this tokenizer checkpoint of the demo recipe instead (repeatable)")
+    p.add_argument("--model", action="append", default=[],
+                   help="score the tokenizer of this exported model folder instead (repeatable)")
+    p.add_argument("--renders", type=int, default=64, help="held-out renders to score on")
     args = p.parse_args(argv)
+    if args.model:
+        for path in args.model:
+            print(json.dumps(score_model(path, args.device, args.renders)), flush=True)
+        return 0
     if args.checkpoint:
         for path in args.checkpoint:
-            print(json.dumps(score_checkpoint(path, args.device)), flush=True)
+            print(json.dumps(score_checkpoint(path, args.device, args.renders)), flush=True)
         return 0
     for spec in args.variants.split(","):
         name, ch, stream, ow = spec.split(":")

@@ -114,6 +114,22 @@ def test_report_runs_every_section_on_cpu(tmp_path):
         assert r["best"] == min(("ours", "sdpa"), key=lambda n: r[f"{n}_ms"])
 
 
+def test_a_model_folders_tokenizer_is_scored_as_loaded():
+    """bench/tokenizer_variants.py --model scores the folder's tokenizer: what score()
+    gives for that tokenizer loaded by hand, shape split by size included."""
+    from hart_fast.demo import DEMO_DIR
+    from hart_fast.loading import load_models
+    from tokenizer_variants import score, score_model
+
+    got = score_model(DEMO_DIR, n=16)
+    _, tok, _ = load_models(DEMO_DIR)
+    want = score(tok.float(), tok.cfg.v_patch_nums, n=16)
+    assert got == {"model": DEMO_DIR, **want}
+    for kind in ("with_residual", "codes_only"):
+        assert {"shape_small", "shape_large"} <= set(got[kind])
+        assert 0 <= got[kind]["shape_small"] <= 100 and 0 <= got[kind]["shape_large"] <= 100
+
+
 def test_tokenizer_checkpoints_are_scored_with_their_saved_weights(tmp_path):
     """bench/tokenizer_variants.py --checkpoint scores the weights in the file: a
     checkpoint of a tokenizer after two training steps scores what that tokenizer
@@ -138,5 +154,5 @@ def test_tokenizer_checkpoints_are_scored_with_their_saved_weights(tmp_path):
     fresh = score(recipe.build_tokenizer(recipe.DEMO_TOKENIZER, 0), pn, n=8)
     assert fresh["with_residual"]["psnr"] != got["with_residual"]["psnr"]
     for kind in ("with_residual", "codes_only"):
-        assert set(got[kind]) == {"psnr", "object_mse", *ATTRIBUTES, "all"}
+        assert set(got[kind]) - {"shape_small", "shape_large"} == {"psnr", "object_mse", *ATTRIBUTES, "all"}
         assert torch.isfinite(torch.tensor(got[kind]["psnr"]))

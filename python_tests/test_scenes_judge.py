@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hart_fast.eval.judge import ATTRIBUTES, accuracy, judge
+from hart_fast.eval.judge import ATTRIBUTES, accuracy, judge, shape_by_size
 from hart_fast.train.scenes import (COLOR_NAMES, POSITIONS, SHAPES, SceneDataset, dense_scene_at, heldout_prompts,
                                     is_held_out, render, render_batch, scene_at, seen_prompts)
 
@@ -90,6 +90,32 @@ def test_judge_reads_object_colours_of_blurred_renders(sigma):
     images = _blurred(np.stack([render(sc) for sc in scenes]), sigma)
     acc = accuracy([judge(im) for im in images], scenes)
     assert acc["background"] >= 0.98 and acc["color"] >= 0.98 and acc["position"] >= 0.98, acc
+
+
+def test_shape_by_size_splits_the_shape_score_by_the_asked_size():
+    """Scored against scenes whose small objects' shapes were swapped for another
+    shape, the renders read right on every large object and wrong on every small
+    one; against the true scenes, right on both."""
+    import dataclasses
+
+    scenes = heldout_prompts(48)
+    sizes = collections.Counter(sc.objects[0].size for sc in scenes)
+    assert sizes["small"] >= 8 and sizes["large"] >= 8, sizes
+    judged = [judge(render(sc)) for sc in scenes]
+    assert shape_by_size(judged, scenes) == {"small": 1.0, "large": 1.0}
+
+    def swapped(sc):
+        o = sc.objects[0]
+        if o.size != "small":
+            return sc
+        other = SHAPES[(SHAPES.index(o.shape) + 1) % len(SHAPES)]
+        return dataclasses.replace(sc, objects=(dataclasses.replace(o, shape=other),))
+
+    assert shape_by_size(judged, [swapped(sc) for sc in scenes]) == {"small": 0.0, "large": 1.0}
+    only_large = [sc for sc in scenes if sc.objects[0].size == "large"]
+    assert shape_by_size([judge(render(sc)) for sc in only_large], only_large) == {"large": 1.0}
+    with pytest.raises(ValueError, match="judgements for"):
+        shape_by_size(judged[:3], scenes)
 
 
 def test_judge_finds_both_objects_of_two_object_scenes():
