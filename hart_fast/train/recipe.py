@@ -9,7 +9,9 @@ after a kill and it carries on):
    `tokenizer_objects/`: the same tokenizer refined on crowded scenes
    (`scenes.dense_scene`) with object pixels weighted up in the loss -- after
    the first phase it draws backgrounds well but objects as blurred, miscoloured
-   blobs, because a captioned scene is mostly background;
+   blobs, because a captioned scene is mostly background (both phases now train on
+   the object-weighted stream by default, with the weight widened past the objects'
+   edges and an edge loss, in bfloat16 on CPUs that have it natively);
 2. `transformer/`: the AR transformer and the residual-diffusion MLP together, on
    the scenes' codes (encoded once with the trained tokenizer) and the frozen text
    encoder's states of their captions;
