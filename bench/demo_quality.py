@@ -141,7 +141,7 @@ def main():
         rep = [s for s in scenes for _ in range(args.images)]
         js = [judge(im) for im in imgs]
         results[name] = accuracy(js, rep)
-        results[f"{name}: shape by size"] = shape_by_size(js, rep)
+        results.setdefault("shape_by_size", {})[name] = shape_by_size(js, rep)
         print(row(name, results[name]))
         if name.startswith("held-out, residual on"):
             grid_imgs = imgs
@@ -149,8 +149,8 @@ def main():
             results["control: scored against another prompt"] = accuracy(js, shuffled)
     print(row("control: scored against another prompt", results["control: scored against another prompt"]))
     print("\nshape by the asked size (small / large, %): " + "; ".join(
-        f"{k.split(':')[0]} {100 * v.get('small', float('nan')):.1f} / {100 * v.get('large', float('nan')):.1f}"
-        for k, v in results.items() if k.endswith("shape by size")))
+        f"{k} {100 * v.get('small', float('nan')):.1f} / {100 * v.get('large', float('nan')):.1f}"
+        for k, v in results["shape_by_size"].items()))
 
     import hart_fast
 

@@ -43,7 +43,8 @@ from hart_fast.train.scenes import heldout_prompts, render, to_tensor_pm1  # noq
 from hart_fast.train.tokenizer import TokenizerStep, object_mask, reconstruct, to_uint8  # noqa: E402
 
 
-def run_variant(name: str, ch: int, stream: str, object_weight: float, steps: int, batch: int, device: str) -> dict:
+def run_variant(name: str, ch: int, stream: str, object_weight: float, steps: int, batch: int, device: str,
+                renders: int = 64) -> dict:
     cfg = dict(recipe.DEMO_TOKENIZER, ch=ch)
     tok = recipe.build_tokenizer(cfg, 7).to(device)
     images = {"plain": recipe.scene_images_fn, "refine": recipe.refine_images_fn}[stream](123, batch, 64, device)
@@ -55,7 +56,7 @@ def run_variant(name: str, ch: int, stream: str, object_weight: float, steps: in
     train_s = time.time() - t0
     out = {"name": name, "ch": ch, "stream": stream, "object_weight": object_weight, "steps": steps, "batch": batch,
            "train_s": round(train_s)}
-    return {**out, **score(tok, cfg["v_patch_nums"], device)}
+    return {**out, **score(tok, cfg["v_patch_nums"], device, renders)}
 
 
 def score(tok, patch_nums, device="cpu", n: int = 64) -> dict:
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
         return 0
     for spec in args.variants.split(","):
         name, ch, stream, ow = spec.split(":")
-        print(json.dumps(run_variant(name, int(ch), stream, float(ow), args.steps, args.batch, args.device)),
+        print(json.dumps(run_variant(name, int(ch), stream, float(ow), args.steps, args.batch, args.device,
+                                      args.renders)),
               flush=True)
     return 0
 

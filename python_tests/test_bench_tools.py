@@ -121,13 +121,19 @@ def test_a_model_folders_tokenizer_is_scored_as_loaded():
     from hart_fast.loading import load_models
     from tokenizer_variants import score, score_model
 
+    from hart_fast.train.scenes import heldout_prompts
+
     got = score_model(DEMO_DIR, n=16)
     _, tok, _ = load_models(DEMO_DIR)
     want = score(tok.float(), tok.cfg.v_patch_nums, n=16)
     assert got == {"model": DEMO_DIR, **want}
+    # The two sizes' shape scores average, weighted by their counts, to the shape score.
+    n_small = sum(sc.objects[0].size == "small" for sc in heldout_prompts(16))
+    assert 0 < n_small < 16
     for kind in ("with_residual", "codes_only"):
-        assert {"shape_small", "shape_large"} <= set(got[kind])
-        assert 0 <= got[kind]["shape_small"] <= 100 and 0 <= got[kind]["shape_large"] <= 100
+        k = got[kind]
+        mixed = (n_small * k["shape_small"] + (16 - n_small) * k["shape_large"]) / 16
+        assert mixed == pytest.approx(k["shape"], abs=0.1), k  # the scores are rounded to 0.1
 
 
 def test_tokenizer_checkpoints_are_scored_with_their_saved_weights(tmp_path):
@@ -154,5 +160,5 @@ def test_tokenizer_checkpoints_are_scored_with_their_saved_weights(tmp_path):
     fresh = score(recipe.build_tokenizer(recipe.DEMO_TOKENIZER, 0), pn, n=8)
     assert fresh["with_residual"]["psnr"] != got["with_residual"]["psnr"]
     for kind in ("with_residual", "codes_only"):
-        assert set(got[kind]) - {"shape_small", "shape_large"} == {"psnr", "object_mse", *ATTRIBUTES, "all"}
+        assert set(got[kind]) == {"psnr", "object_mse", *ATTRIBUTES, "all", "shape_small", "shape_large"}
         assert torch.isfinite(torch.tensor(got[kind]["psnr"]))

@@ -116,6 +116,8 @@ def test_shape_by_size_splits_the_shape_score_by_the_asked_size():
     assert shape_by_size([judge(render(sc)) for sc in only_large], only_large) == {"large": 1.0}
     with pytest.raises(ValueError, match="judgements for"):
         shape_by_size(judged[:3], scenes)
+    with pytest.raises(ValueError, match="no scenes"):
+        shape_by_size([], [])
 
 
 def test_judge_finds_both_objects_of_two_object_scenes():

@@ -113,10 +113,12 @@ def test_dilated_mask_and_edge_loss_are_the_stated_sums(tiny_dir):
     _, tok, _ = load_models(tiny_dir)
     imgs, _ = tiny_images(4)
     x = to_tensor_pm1(imgs)
-    step = TokenizerStep(tok, lambda s: x, TINY_TOK["v_patch_nums"], object_weight=4.0, mask_dilate=1,
-                         edge_weight=0.5)
-    step.initialised = True
-    got = step(0)
+    def loss_of(**kw):
+        step = TokenizerStep(tok, lambda s: x, TINY_TOK["v_patch_nums"], object_weight=4.0, **kw)
+        step.initialised = True
+        return float(step(0)["loss"].detach())
+
+    got = loss_of(mask_dilate=1, edge_weight=0.5)
     with torch.no_grad():
         f = tok.img_to_latent(x)
         f_hat, vq, _, _ = quantize_for_training(tok, f, TINY_TOK["v_patch_nums"], beta=0.25)
@@ -137,7 +139,10 @@ def test_dilated_mask_and_edge_loss_are_the_stated_sums(tiny_dir):
         edge = ((d[..., :, 1:] - d[..., :, :-1]) * w[..., :, 1:]).abs().mean() + \
             ((d[..., 1:, :] - d[..., :-1, :]) * w[..., 1:, :]).abs().mean()
         want = (w * d ** 2).mean() + (w * d.abs()).mean() + 0.5 * edge + vq
-    assert float(got["loss"]) == pytest.approx(float(want), rel=1e-5)
+    assert got == pytest.approx(float(want), rel=1e-5)
+    # Each term changes the loss: neither is a no-op on these images.
+    for other in (loss_of(mask_dilate=0, edge_weight=0.5), loss_of(mask_dilate=1, edge_weight=0.0)):
+        assert abs(other - got) > 1e-3 * got, (other, got)
 
 
 def test_recipe_tokenizer_autocast_follows_the_cpu(monkeypatch):
@@ -156,10 +161,9 @@ def test_recipe_tokenizer_autocast_follows_the_cpu(monkeypatch):
     assert dataclasses.replace(r, tok_cpu_autocast="none").tok_autocast_dtype is None
     # A GPU profile's autocast applies to the tokenizer too.
     assert recipe.PROFILES["gpu"].tok_autocast_dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="tok_cpu_autocast"):
-        dataclasses.replace(r, tok_cpu_autocast="fp8").tok_autocast_dtype
-    # How the tokenizer computes, not what it learns: a folder may resume under another.
-    assert "tok_cpu_autocast" in recipe.RESUMABLE_ACROSS
+    for base in (r, recipe.PROFILES["gpu"]):
+        with pytest.raises(ValueError, match="tok_cpu_autocast"):
+            dataclasses.replace(base, tok_cpu_autocast="fp8").tok_autocast_dtype
 
 
 def test_training_quantiser_matches_the_inference_quantiser(tiny_dir):
@@ -688,3 +692,29 @@ def test_a_folder_started_before_a_recipe_setting_existed_takes_its_value(tmp_pa
         assert json.load(f)["res_steps"] == r.res_steps
     with pytest.raises(ValueError, match="res_steps"):
         recipe.check_recipe(work, dataclasses.replace(r, res_steps=r.res_steps + 1))
+
+
+def test_a_folder_from_before_the_tokenizer_loss_terms_keeps_its_loss(tmp_path):
+    """A folder whose recipe.json predates the widened mask and the edge loss trained
+    its tokenizer without them: it is continued only by a recipe without them, and a
+    recipe with them is refused, naming the setting. The tokenizer's autocast may
+    differ between the runs of a folder (it is how, not what, it trains)."""
+    import dataclasses
+
+    from hart_fast.train import recipe
+
+    work = str(tmp_path / "w")
+    os.makedirs(work)
+    r = recipe.Recipe()
+    old = {k: v for k, v in dataclasses.asdict(r).items()
+           if k not in recipe.RESUMABLE_ACROSS and k not in ("tok_mask_dilate", "tok_edge_weight")}
+    with open(os.path.join(work, "recipe.json"), "w") as f:
+        json.dump(old, f)
+    with pytest.raises(ValueError, match=r"tok_edge_weight=0.0 \(now 1.0\), tok_mask_dilate=0 \(now 2\)"):
+        recipe.check_recipe(work, r)
+    legacy = dataclasses.replace(r, tok_mask_dilate=0, tok_edge_weight=0.0)
+    recipe.check_recipe(work, legacy)
+    recipe.check_recipe(work, dataclasses.replace(legacy, tok_cpu_autocast="none"))
+    with open(os.path.join(work, "recipe.json")) as f:
+        rec = json.load(f)
+    assert rec["tok_mask_dilate"] == 0 and rec["tok_edge_weight"] == 0.0 and "tok_cpu_autocast" not in rec

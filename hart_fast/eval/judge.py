@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from hart_fast.train.scenes import CELL_TO_POSITION, COLOR_NAMES, COLORS, Scene
+from hart_fast.train.scenes import CELL_TO_POSITION, COLOR_NAMES, COLORS, SIZES, Scene
 
 PALETTE = np.array([COLORS[c] for c in COLOR_NAMES], dtype=np.float32)      # (K, 3)
 FG_DISTANCE = 60.0       # RGB distance from the background beyond which a pixel is foreground
@@ -179,15 +179,17 @@ def accuracy(judgements: Sequence[Judgement], scenes: Sequence[Scene]) -> Dict[s
 
 
 def shape_by_size(judgements: Sequence[Judgement], scenes: Sequence[Scene]) -> Dict[str, float]:
-    """Shape accuracy (fractions) of single-object scenes split by the asked size:
-    {"small": ..., "large": ...}, a size with no scene left out. Small shapes span
-    about two latent cells of the demo tokenizer, and most shape errors are theirs."""
+    """Shape accuracy (fractions) of single-object scenes split by the asked size,
+    in the order of SIZES ({"small": ..., "large": ...}); a size no scene asks for
+    is left out. (A small shape spans about two latent cells of the demo tokenizer.)"""
     if len(judgements) != len(scenes):
         raise ValueError(f"{len(judgements)} judgements for {len(scenes)} scenes")
+    if not scenes:
+        raise ValueError("no scenes to score")
     hits: Dict[str, List[bool]] = {}
     for j, s in zip(judgements, scenes):
         hits.setdefault(s.objects[0].size, []).append(score_single(j, s)["shape"])
-    return {size: float(np.mean(h)) for size, h in sorted(hits.items(), key=lambda kv: kv[0] != "small")}
+    return {size: float(np.mean(hits[size])) for size in SIZES if size in hits}
 
 
 __all__ = ["Judgement", "JudgedObject", "judge", "score_single", "accuracy", "shape_by_size", "classify_shape",

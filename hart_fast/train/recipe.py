@@ -72,10 +72,12 @@ class Recipe:
     tok_refine_steps: int = 1500
     tok_refine_lr: float = 3e-4
     tok_object_weight: float = 4.0
-    # The object mask widened by this many pixels (a max-pool), so the background between
-    # a small star's points, where a blurred reconstruction bleeds colour, weighs as
-    # much as the object; and an L1 loss on the error's pixel-to-pixel differences,
-    # which a blurred edge pays for and a flat region does not (BENCHMARKS.md, "Sixth model").
+    # On the object-weighted stream: the object mask widened by this many pixels (a
+    # max-pool), so the background between a small star's points, where a blurred
+    # reconstruction bleeds colour, weighs as much as the object; and an L1 loss on
+    # the error's pixel-to-pixel differences (each weighted by the object weight),
+    # which a blurred edge pays for and a flat region does not (BENCHMARKS.md, "Sixth
+    # model"). A "plain" first phase uses neither, as it uses no object weight.
     tok_mask_dilate: int = 2
     tok_edge_weight: float = 1.0
     # Autocast of the tokenizer stage on a CPU: "auto" is bfloat16 where the CPU has it
@@ -84,7 +86,8 @@ class Recipe:
     tok_cpu_autocast: str = "auto"
     # Phase 1's stream: "objects" (phase 2's half-crowded, object-weighted stream from
     # the start, which learns the objects far sooner: BENCHMARKS.md, tokenizer variants)
-    # or "plain" (captioned scenes, unweighted: the first embedded model's recipe).
+    # or "plain" (captioned scenes, no object weight, mask or edge term: the first
+    # embedded model's first phase).
     tok_phase1: str = "objects"
     # 24,000 scenes and 8,000 steps (the fourth embedded model): at 8,000 / 3,000 the
     # transformer still underfit (its loss falling at the end; BENCHMARKS.md, "Fourth
@@ -113,10 +116,10 @@ class Recipe:
     @property
     def tok_autocast_dtype(self) -> Optional[torch.dtype]:
         """The tokenizer stage's autocast dtype (see tok_cpu_autocast)."""
-        if torch.device(self.device).type != "cpu" or self.autocast is not None:
-            return self.autocast_dtype
         if self.tok_cpu_autocast not in ("auto", "bfloat16", "none"):
             raise ValueError(f"tok_cpu_autocast must be 'auto', 'bfloat16' or 'none', got {self.tok_cpu_autocast!r}")
+        if torch.device(self.device).type != "cpu" or self.autocast is not None:
+            return self.autocast_dtype
         if self.tok_cpu_autocast == "auto":
             from hart_fast.speed import cpu_native_bf16
 
@@ -128,8 +131,10 @@ class Recipe:
 BUDGET_SHARES = {"tokenizer": 0.45, "tokenizer_objects": 0.2, "transformer": 0.3, "residual": 0.05}
 
 PROFILES: Dict[str, Recipe] = {
-    # The recipe of the embedded model (BENCHMARKS.md, "Fourth model" and "The residual
-    # under guidance"): about 85-125 minutes on 2 CPU cores, depending on the CPU.
+    # The recipe of the embedded model (BENCHMARKS.md, "Sixth model"): its tokenizer
+    # stage in bfloat16 where the CPU has it natively, about 95 minutes on the
+    # AMX Xeon of session 11; a CPU without native bfloat16 trains the tokenizer in
+    # float32, about 20 minutes longer at the same speed otherwise.
     "cpu": Recipe(),
     # A lent GPU's minutes. Batches 8x / 8x, learning rates up by about sqrt of that,
     # 100k encoded scenes for the transformer (the CPU recipe's 24,000 are seen ~11
@@ -234,6 +239,11 @@ def stage_steps(work: str, r: Recipe, name: str, fixed_steps: int, probe: Callab
 RESUMABLE_ACROSS = ("device", "autocast", "tok_cpu_autocast", "budget_s", "min_planned_steps")
 
 
+# Settings added after folders were made, with the value that reproduces what an
+# older folder trained with (its tokenizer had no widened mask and no edge loss).
+LEGACY_VALUES = {"tok_mask_dilate": 0, "tok_edge_weight": 0.0}
+
+
 def check_recipe(work: str, r: Recipe) -> None:
     """Record the recipe of a run folder (WORK/recipe.json) on its first stage, and
     refuse to continue a folder with another recipe: a resumed stage would otherwise
@@ -244,9 +254,10 @@ def check_recipe(work: str, r: Recipe) -> None:
     if os.path.exists(path):
         with open(path) as f:
             theirs = json.load(f)
-        # A folder started before a setting existed (the residual stage's) takes its
-        # value now, and keeps it from here on.
-        added = {k: v for k, v in mine.items() if k not in theirs}
+        # A folder started before a setting existed takes the value that reproduces
+        # what it trained with then (LEGACY_VALUES; the residual stage's settings, of
+        # a stage such a folder had not run, take today's), and keeps it from here on.
+        added = {k: LEGACY_VALUES.get(k, v) for k, v in mine.items() if k not in theirs}
         theirs = dict(theirs, **added)
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
@@ -613,7 +624,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--device", default=None, help="override the profile's device")
     ap.add_argument("--tok-phase1", choices=["plain", "objects"], default=None,
                     help="the tokenizer's first phase: the object-weighted crowded stream (both profiles' default) "
-                         "or plain captioned scenes (the first embedded model's recipe); default: the profile's")
+                         "or plain captioned scenes (the first embedded model's first phase); default: the profile's")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)

@@ -102,7 +102,18 @@ def object_mask(img_pm1: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
 
 
 class TokenizerStep:
-    """step_fn for train_loop: one batch of images -> the tokenizer's losses."""
+    """step_fn for train_loop: one batch of images -> the tokenizer's losses.
+
+    object_weight w: object pixels weigh 1 + w in the reconstruction losses (module
+    docstring); mask_dilate k widens that mask to every pixel within k (Chebyshev)
+    of an object pixel, so the background next to an object, where a blurred decode
+    bleeds colour, weighs as much. edge_weight e adds e times the L1 of the error's
+    horizontal and vertical pixel-to-pixel differences, each difference weighted by
+    the weight of its right (lower) pixel (the one-sided pairing the sixth demo
+    model was trained with; with k >= 1 the widened mask covers both sides of an
+    edge anyway). Without object_weight, mask_dilate does nothing and the edge term
+    is unweighted.
+    """
 
     def __init__(self, tok: HartTokenizer, images_fn, patch_nums, beta: float = 0.25, restart_every: int = 50,
                  object_weight: float = 0.0, autocast_dtype: Optional[torch.dtype] = None,
@@ -177,11 +188,12 @@ class TokenizerStep:
             w = None
             rec_loss = mse + l1
         if self.edge_weight:
-            d = rec - x
-            gx, gy = d[..., :, 1:] - d[..., :, :-1], d[..., 1:, :] - d[..., :-1, :]
-            if w is not None:
-                gx, gy = gx * w[..., :, 1:], gy * w[..., 1:, :]
-            edge = gx.abs().mean() + gy.abs().mean()
+            d_N3HW = rec - x
+            gx_N3HW1 = d_N3HW[..., :, 1:] - d_N3HW[..., :, :-1]
+            gy_N3H1W = d_N3HW[..., 1:, :] - d_N3HW[..., :-1, :]
+            if w is not None:  # w: (N, 1, H, W), broadcast over the colour channels
+                gx_N3HW1, gy_N3H1W = gx_N3HW1 * w[..., :, 1:], gy_N3H1W * w[..., 1:, :]
+            edge = gx_N3HW1.abs().mean() + gy_N3H1W.abs().mean()
             rec_loss = rec_loss + self.edge_weight * edge
         loss = rec_loss + vq
         with torch.no_grad():
