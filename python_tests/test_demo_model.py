@@ -18,21 +18,22 @@ from hart_fast.eval.quality import generate_images
 from hart_fast.train.scenes import heldout_prompts
 
 # Per-attribute floors on 8 held-out prompts x 2 images, default settings, for the
-# attributes the current demo gets right well above chance (measured on this set:
-# background 100%, object colour 81%, size 94%, position 88%; on the larger set of
-# BENCHMARKS.md 93%, 82%, 90% and 90%; chance 12%, 12%, 50% and 11%; the
-# random-weight demo of the first release scored 10%, 19%, 50% and 6%). Shape is
-# still near chance on this small set (31%, chance 25%), so it has no floor yet;
-# raise these when the demo improves. With 16 images the floors leave room for
-# another CPU's rounding to change a few draws (binomial tails under 1% at the
-# larger set's rates).
-FLOORS = {"background": 0.75, "color": 0.5, "size": 0.6, "position": 0.6}
-# The speed presets on the same set (measured in float32 with int8 projections, as
-# on CPUs without native bfloat16: balanced 100% / 88% / 88% / 94%, fastest, which
-# does not prune the demo's small scales, 100% / 50% / 88% / 88%; fastest in
-# bfloat16 100% / 62% / 94% / 88%): a preset that stops following prompts fails.
-PRESET_FLOORS = {"balanced": {"background": 0.75, "color": 0.35, "size": 0.6, "position": 0.6},
-                 "fastest": {"background": 0.75, "color": 0.35, "size": 0.6, "position": 0.6}}
+# attributes the current demo (the sixth) gets right well above chance (measured on
+# this set: background 100%, object colour 69%, size 94%, position 100%; on the
+# larger set of BENCHMARKS.md 96%, 71%, 96% and 94%; chance 12%, 12%, 50% and 11%;
+# the random-weight demo of the first release scored 10%, 19%, 50% and 6%). Shape
+# reads 50% on the larger set but 19% on this small one (its small objects), so it
+# has no floor yet; raise these when the demo improves. With 16 images the floors
+# leave room for another CPU's rounding to change a few draws (binomial tails under
+# 1% at the larger set's rates).
+FLOORS = {"background": 0.75, "color": 0.4, "size": 0.7, "position": 0.75}
+# The speed presets on the same set (background / colour / size / position; in
+# float32 with int8 projections, as on CPUs without native bfloat16: balanced 94% /
+# 69% / 94% / 94%, fastest, which does not prune the demo's small scales, 100% / 62%
+# / 88% / 94%; with cpu_bf16 instead: balanced 94% / 81% / 100% / 94%, fastest 94% /
+# 69% / 94% / 100%): a preset that stops following prompts fails.
+PRESET_FLOORS = {"balanced": {"background": 0.75, "color": 0.35, "size": 0.6, "position": 0.7},
+                 "fastest": {"background": 0.75, "color": 0.35, "size": 0.6, "position": 0.7}}
 
 
 def test_the_demo_is_small_and_says_what_it_is():
