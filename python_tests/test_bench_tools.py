@@ -119,9 +119,8 @@ def test_a_model_folders_tokenizer_is_scored_as_loaded():
     gives for that tokenizer loaded by hand, shape split by size included."""
     from hart_fast.demo import DEMO_DIR
     from hart_fast.loading import load_models
-    from tokenizer_variants import score, score_model
-
     from hart_fast.train.scenes import heldout_prompts
+    from tokenizer_variants import score, score_model
 
     got = score_model(DEMO_DIR, n=16)
     _, tok, _ = load_models(DEMO_DIR)

@@ -104,15 +104,16 @@ def test_object_weighted_loss_is_the_weighted_reconstruction(tiny_dir):
 
 def test_dilated_mask_and_edge_loss_are_the_stated_sums(tiny_dir):
     """mask_dilate k widens the object weights to every pixel within k (Chebyshev) of
-    an object pixel; edge_weight e adds e times the L1 of the weighted error's
-    horizontal and vertical pixel-to-pixel differences. Recomputed here by shifting
-    the mask, not by pooling."""
+    an object pixel; edge_weight e adds e times the L1 of the error's horizontal and
+    vertical pixel-to-pixel differences, each weighted by its right (lower) pixel's
+    weight. Recomputed here by shifting the mask, not by pooling."""
     from hart_fast.train.scenes import to_tensor_pm1
     from hart_fast.train.tokenizer import object_mask
 
     _, tok, _ = load_models(tiny_dir)
     imgs, _ = tiny_images(4)
     x = to_tensor_pm1(imgs)
+
     def loss_of(**kw):
         step = TokenizerStep(tok, lambda s: x, TINY_TOK["v_patch_nums"], object_weight=4.0, **kw)
         step.initialised = True

@@ -132,7 +132,7 @@ BUDGET_SHARES = {"tokenizer": 0.45, "tokenizer_objects": 0.2, "transformer": 0.3
 
 PROFILES: Dict[str, Recipe] = {
     # The recipe of the embedded model (BENCHMARKS.md, "Sixth model"): its tokenizer
-    # stage in bfloat16 where the CPU has it natively, about 95 minutes on the
+    # stage in bfloat16 where the CPU has it natively, 104 minutes measured on the
     # AMX Xeon of session 11; a CPU without native bfloat16 trains the tokenizer in
     # float32, about 20 minutes longer at the same speed otherwise.
     "cpu": Recipe(),
