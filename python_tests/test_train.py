@@ -504,6 +504,29 @@ def test_cli_train_finetune_writes_a_loadable_folder(tiny_dir, tmp_path):
 # -- the demo recipe -------------------------------------------------------------
 
 
+def test_the_recipe_gives_each_tokenizer_phase_its_own_edge_weight(tmp_path, monkeypatch):
+    """Phase 1 trains with tok_edge_weight and phase 2 with tok_refine_edge_weight
+    (both with the widened mask and the object weight)."""
+    import dataclasses
+
+    import hart_fast.train.tokenizer as tokenizer_mod
+    from hart_fast.train import recipe
+
+    made = []
+
+    class Recording(tokenizer_mod.TokenizerStep):
+        def __init__(self, *args, **kw):
+            made.append(kw)
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(tokenizer_mod, "TokenizerStep", Recording)
+    r = dataclasses.replace(recipe.PROFILES["cpu"], tok_batch=2, tok_steps=1, tok_refine_steps=1,
+                            tok_edge_weight=0.75, tok_refine_edge_weight=0.25, tok_mask_dilate=1)
+    recipe.train_tokenizer_stage(str(tmp_path / "work"), r, progress=False)
+    assert [(kw["edge_weight"], kw["mask_dilate"], kw["object_weight"]) for kw in made] == [
+        (0.75, 1, r.tok_object_weight), (0.25, 1, r.tok_object_weight)]
+
+
 @pytest.mark.parametrize("phase1", ["plain", "objects"])
 def test_the_demo_recipe_end_to_end_with_a_time_budget(tmp_path, phase1):
     """Every stage of the demo recipe at a few steps (its real architecture): the
@@ -708,7 +731,8 @@ def test_a_folder_from_before_the_tokenizer_loss_terms_keeps_its_loss(tmp_path):
     os.makedirs(work)
     r = recipe.Recipe()
     old = {k: v for k, v in dataclasses.asdict(r).items()
-           if k not in recipe.RESUMABLE_ACROSS and k not in ("tok_mask_dilate", "tok_edge_weight")}
+           if k not in recipe.RESUMABLE_ACROSS
+           and k not in ("tok_mask_dilate", "tok_edge_weight", "tok_refine_edge_weight")}
     with open(os.path.join(work, "recipe.json"), "w") as f:
         json.dump(old, f)
     with pytest.raises(ValueError, match=r"tok_edge_weight=0.0 \(now 1.0\), tok_mask_dilate=0 \(now 2\)"):
@@ -719,3 +743,34 @@ def test_a_folder_from_before_the_tokenizer_loss_terms_keeps_its_loss(tmp_path):
     with open(os.path.join(work, "recipe.json")) as f:
         rec = json.load(f)
     assert rec["tok_mask_dilate"] == 0 and rec["tok_edge_weight"] == 0.0 and "tok_cpu_autocast" not in rec
+
+
+def test_a_folder_of_the_sixth_model_keeps_its_phase_two_edge_term(tmp_path):
+    """A folder made before phase 2 had its own edge weight trained phase 2 with the
+    folder's tok_edge_weight: today's recipe (phase 2 without it) is refused, naming
+    the setting, and one with the same weight in both phases continues it."""
+    import dataclasses
+
+    from hart_fast.train import recipe
+
+    work = str(tmp_path / "w")
+    os.makedirs(work)
+    r = recipe.Recipe()
+    assert r.tok_edge_weight > 0 and r.tok_refine_edge_weight == 0
+    old = {k: v for k, v in dataclasses.asdict(r).items()
+           if k not in recipe.RESUMABLE_ACROSS and k != "tok_refine_edge_weight"}
+    with open(os.path.join(work, "recipe.json"), "w") as f:
+        json.dump(old, f)
+    with pytest.raises(ValueError, match=r"tok_refine_edge_weight=1.0 \(now 0.0\)"):
+        recipe.check_recipe(work, r)
+    recipe.check_recipe(work, dataclasses.replace(r, tok_refine_edge_weight=r.tok_edge_weight))
+    with open(os.path.join(work, "recipe.json")) as f:
+        assert json.load(f)["tok_refine_edge_weight"] == r.tok_edge_weight
+    # An older folder still (no edge loss at all) takes 0 for both.
+    older = str(tmp_path / "older")
+    os.makedirs(older)
+    with open(os.path.join(older, "recipe.json"), "w") as f:
+        json.dump({k: v for k, v in old.items() if k not in ("tok_mask_dilate", "tok_edge_weight")}, f)
+    recipe.check_recipe(older, dataclasses.replace(r, tok_mask_dilate=0, tok_edge_weight=0.0))
+    with open(os.path.join(older, "recipe.json")) as f:
+        assert json.load(f)["tok_refine_edge_weight"] == 0.0

@@ -11,7 +11,7 @@ after a kill and it carries on):
    the first phase it draws backgrounds well but objects as blurred, miscoloured
    blobs, because a captioned scene is mostly background (both phases now train on
    the object-weighted stream by default, with the weight widened past the objects'
-   edges and an edge loss, in bfloat16 on CPUs that have it natively);
+   edges, an edge loss in the first phase, in bfloat16 on CPUs that have it natively);
 2. `transformer/`: the AR transformer and the residual-diffusion MLP together, on
    the scenes' codes (encoded once with the trained tokenizer) and the frozen text
    encoder's states of their captions;
@@ -80,6 +80,11 @@ class Recipe:
     # model"). A "plain" first phase uses neither, as it uses no object weight.
     tok_mask_dilate: int = 2
     tok_edge_weight: float = 1.0
+    # The edge term of phase 2 alone. 0 since the seventh model: the edge term sharpens
+    # small shapes but pulls colours off (a probe: 400 steps without it after the
+    # sixth model's tokenizer, codes' object colour 94.5% -> 98.4%; BENCHMARKS.md,
+    # "Sixth model"), so phase 1 learns the edges and phase 2 the colours.
+    tok_refine_edge_weight: float = 0.0
     # Autocast of the tokenizer stage on a CPU: "auto" is bfloat16 where the CPU has it
     # natively (AVX512-BF16 / AMX: twice the float32 step rate there) and float32
     # elsewhere; "bfloat16" or "none" force it. A GPU profile's `autocast` wins.
@@ -240,8 +245,11 @@ RESUMABLE_ACROSS = ("device", "autocast", "tok_cpu_autocast", "budget_s", "min_p
 
 
 # Settings added after folders were made, with the value that reproduces what an
-# older folder trained with (its tokenizer had no widened mask and no edge loss).
-LEGACY_VALUES = {"tok_mask_dilate": 0, "tok_edge_weight": 0.0}
+# older folder trained with: its tokenizer had no widened mask and no edge loss, or
+# (a folder of the sixth model) one edge weight for both phases. A callable takes
+# the folder's recorded recipe, those legacy values already filled in.
+LEGACY_VALUES = {"tok_mask_dilate": 0, "tok_edge_weight": 0.0,
+                 "tok_refine_edge_weight": lambda theirs: theirs["tok_edge_weight"]}
 
 
 def check_recipe(work: str, r: Recipe) -> None:
@@ -258,6 +266,8 @@ def check_recipe(work: str, r: Recipe) -> None:
         # what it trained with then (LEGACY_VALUES; the residual stage's settings, of
         # a stage such a folder had not run, take today's), and keeps it from here on.
         added = {k: LEGACY_VALUES.get(k, v) for k, v in mine.items() if k not in theirs}
+        theirs = dict(theirs, **{k: v for k, v in added.items() if not callable(v)})
+        added = {k: v(theirs) if callable(v) else v for k, v in added.items()}
         theirs = dict(theirs, **added)
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
@@ -308,7 +318,7 @@ def train_tokenizer_stage(work: str, r: Recipe, progress: bool = True):
         # Phase 2 starts from phase 1's weights, with a fresh optimizer and usage counts.
         with refine_images_fn(step_seed(r.seed, 0, 13) % 2**31, r.tok_batch, r.image_size, r.device) as images:
             step = TokenizerStep(tok, images, DEMO_TOKENIZER["v_patch_nums"], object_weight=r.tok_object_weight,
-                                 autocast_dtype=dtype, **weighting)
+                                 autocast_dtype=dtype, **dict(weighting, edge_weight=r.tok_refine_edge_weight))
             step.initialised = True
             steps = stage_steps(work, r, "tokenizer_objects", r.tok_refine_steps,
                                 lambda: seconds_per_step(modules, step))
