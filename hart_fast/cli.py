@@ -434,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = t.add_subparsers(dest="train_command", required=True)
     td = tsub.add_parser("demo", help="the embedded demo model's recipe (resumable; see hart_fast.train.recipe)")
     td.add_argument("--work", required=True, help="folder for checkpoints and loss logs (rerun to resume)")
-    td.add_argument("--stage", choices=["tokenizer", "transformer", "residual", "export", "all"], default="all")
+    from hart_fast.train.recipe import STAGES
+
+    td.add_argument("--stage", choices=STAGES, default="all")
     td.add_argument("--from-model", default=None, metavar="MODEL_DIR",
                     help="with --stage residual / export: refine the residual MLP of this exported demo folder")
     td.add_argument("--out", default=None, help="model folder the export writes (default: WORK/model)")

@@ -55,6 +55,72 @@ def test_tokenizer_steps_lower_the_loss_on_a_fixed_batch(tiny_dir, tmp_path):
     assert [r["step"] for r in log] == list(range(9, 30, 10))
 
 
+def test_hybrid_splits_recomputed(tiny_dir):
+    """With hybrid_split="interleave" the even images decode the codes-only latent
+    and the odd ones the continuous latent (the step's loss, recomputed here from
+    its parts); "halves" keeps the first half codes-only, "both" decodes every image
+    both ways; an unknown split is refused."""
+    from hart_fast.train.scenes import to_tensor_pm1
+
+    _, tok, _ = load_models(tiny_dir)
+    x = to_tensor_pm1(tiny_images(4)[0])
+    for split, order in (("interleave", "cfcf"), ("halves", "ccff")):
+        step = TokenizerStep(tok, lambda s: x, TINY_TOK["v_patch_nums"], hybrid_split=split)
+        step.initialised = True
+        got = step(0)
+        with torch.no_grad():
+            f = tok.img_to_latent(x)
+            f_hat, vq, _, _ = quantize_for_training(tok, f, TINY_TOK["v_patch_nums"], beta=0.25)
+            z = torch.stack([(f_hat if k == "c" else f)[i] for i, k in enumerate(order)])
+            rec = tok.decoder(tok.post_quant_conv(z))
+            want = ((rec - x) ** 2).mean() + (rec - x).abs().mean() + vq
+            # The other order gives another loss: the test can tell them apart.
+            z_other = torch.stack([(f if k == "c" else f_hat)[i] for i, k in enumerate(order)])
+            rec_o = tok.decoder(tok.post_quant_conv(z_other))
+            other = ((rec_o - x) ** 2).mean() + (rec_o - x).abs().mean() + vq
+        assert float(got["loss"]) == pytest.approx(float(want), rel=1e-5), split
+        assert float(other) != pytest.approx(float(want), rel=1e-3)
+    # "both": every image decoded from both latents.
+    step = TokenizerStep(tok, lambda s: x, TINY_TOK["v_patch_nums"], hybrid_split="both")
+    step.initialised = True
+    got = step(0)
+    with torch.no_grad():
+        rec = tok.decoder(tok.post_quant_conv(torch.cat([f_hat, f])))
+        x2 = torch.cat([x, x])
+        want = ((rec - x2) ** 2).mean() + (rec - x2).abs().mean() + vq
+    assert float(got["loss"]) == pytest.approx(float(want), rel=1e-5)
+    with pytest.raises(ValueError, match="hybrid_split"):
+        TokenizerStep(tok, lambda s: x, TINY_TOK["v_patch_nums"], hybrid_split="random")
+
+
+def test_decoder_only_steps_change_the_decoder_and_no_code(tiny_dir, tmp_path):
+    """decoder_only: the loss on a fixed batch falls while the encoder, codebook and
+    phi convs stay bit-identical, so every image keeps its codes and residual."""
+    from hart_fast.train.recipe import DECODER_PREFIXES
+    from hart_fast.train.scenes import to_tensor_pm1
+
+    _, tok, _ = load_models(tiny_dir)
+    x = to_tensor_pm1(tiny_images(8)[0])
+    pn = TINY_TOK["v_patch_nums"]
+    before = {k: v.clone() for k, v in tok.state_dict().items()}
+    with torch.no_grad():
+        idx0, resid0 = tok.latent_to_tokens(tok.img_to_latent(x), pn)
+    for name, p in tok.named_parameters():
+        p.requires_grad_(name.startswith(DECODER_PREFIXES))
+    step = TokenizerStep(tok, lambda s: x, pn, object_weight=4.0, hybrid_split="interleave", decoder_only=True,
+                         restart_every=2)
+    first = float(step(0)["loss"])
+    train_loop(run_dir=str(tmp_path), modules={"tokenizer": tok}, step_fn=step, steps=20, lr=2e-3, warmup=2,
+               seed=0, desc="decoder", progress=False)
+    assert float(step(20)["loss"]) < 0.9 * first
+    after = tok.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(DECODER_PREFIXES) for k in changed), sorted(changed)[:5]
+    with torch.no_grad():
+        idx1, resid1 = tok.latent_to_tokens(tok.img_to_latent(x), pn)
+    assert all(torch.equal(a, b) for a, b in zip(idx0, idx1)) and torch.equal(resid0, resid1)
+
+
 def test_object_mask_marks_exactly_the_object_pixels():
     from hart_fast.train.scenes import COLORS, dense_scene_at, render, to_tensor_pm1
     from hart_fast.train.tokenizer import object_mask
@@ -543,8 +609,9 @@ def test_the_demo_recipe_end_to_end_with_a_time_budget(tmp_path, phase1):
     recipe.train_transformer_stage(work, r, progress=False)
     tr_ck = torch.load(os.path.join(work, "transformer", "checkpoint.pt"), weights_only=False)["modules"]
     recipe.train_residual_stage(work, r, progress=False)
+    recipe.train_decoder_stage(work, r, progress=False)
     plan = recipe.read_plan(work)
-    assert sorted(plan) == ["residual", "tokenizer", "tokenizer_objects", "transformer"]
+    assert sorted(plan) == ["decoder", "residual", "tokenizer", "tokenizer_objects", "transformer"]
     for name, entry in plan.items():
         assert entry["steps"] == 2 and entry["seconds_per_step"] > 0, (name, entry)
         assert read_loss_log(os.path.join(work, name))[-1]["step"] == 1
@@ -556,6 +623,15 @@ def test_the_demo_recipe_end_to_end_with_a_time_budget(tmp_path, phase1):
         want = res_ck[name[len("diffloss.net."):]] if name.startswith("diffloss.net.") else tr_ck["transformer"][name]
         assert torch.equal(p, want.half().float()), name
     assert any(not torch.equal(v, tr_ck["transformer"]["diffloss.net." + k]) for k, v in res_ck.items())
+    # ... and the decoder stage's decoder on the tokenizer stage's encoder and codebook.
+    _, tok_out, _ = load_models(out)
+    tok_ck = torch.load(os.path.join(work, "tokenizer_objects", "checkpoint.pt"), weights_only=False)["modules"]
+    dec_ck = torch.load(os.path.join(work, "decoder", "checkpoint.pt"), weights_only=False)["modules"]
+    decoder_keys = [k for k in tok_ck["tokenizer"] if k.startswith(recipe.DECODER_PREFIXES)]
+    assert decoder_keys and any(not torch.equal(dec_ck["tokenizer"][k], tok_ck["tokenizer"][k]) for k in decoder_keys)
+    for name, p in tok_out.state_dict().items():
+        src = dec_ck if name.startswith(recipe.DECODER_PREFIXES) else tok_ck
+        assert torch.equal(p, src["tokenizer"][name].half().float()), name
     # The residual stage read the first res_scenes of the transformer's cached codes.
     cached = torch.load(os.path.join(work, "encoded.pt"), weights_only=False)
     part = recipe.encode_stage(work, r, recipe.load_tokenizer_stage(work, r), False, n=r.res_scenes)
@@ -572,6 +648,17 @@ def test_the_demo_recipe_end_to_end_with_a_time_budget(tmp_path, phase1):
     assert not os.path.exists(tmp_path / "model2")
     with open(stamp_path, "w") as f:
         json.dump(stamp, f)
+    # Nor a decoder refined on another tokenizer's codes.
+    dec_stamp_path = os.path.join(work, "decoder", "tokenizer_stamp.json")
+    with open(dec_stamp_path) as f:
+        dec_stamp = json.load(f)
+    with open(dec_stamp_path, "w") as f:
+        json.dump({"encoder": dec_stamp["encoder"] + 1}, f)
+    with pytest.raises(RuntimeError, match="another tokenizer's decoder"):
+        recipe.export_stage(work, r, str(tmp_path / "model2"))
+    assert not os.path.exists(tmp_path / "model2")
+    with open(dec_stamp_path, "w") as f:
+        json.dump(dec_stamp, f)
     # A rerun finds every stage done: the plan is not probed again, nothing retrains.
     before = {n: os.path.getmtime(os.path.join(work, n, "checkpoint.pt")) for n in plan}
     recipe.train_tokenizer_stage(work, dataclasses.replace(r, budget_s=1e6), progress=False)

@@ -2,7 +2,7 @@
 
     python -m hart_fast.train.recipe --work runs/demo       # or: hart-fast train demo --work runs/demo
 
-Four stages, each resumable from its folder under --work (rerun the same command
+Five stages, each resumable from its folder under --work (rerun the same command
 after a kill and it carries on):
 
 1. `tokenizer/`: the hybrid tokenizer on freshly rendered captioned scenes, then
@@ -19,7 +19,10 @@ after a kill and it carries on):
    on the same target under the caption and the unconditional input and on the
    guided combination of the two (inference guides the MLP; trained only jointly,
    its guided draws came out too large and shifted object colours);
-4. `model/`: the official-layout folder (llm/, tokenizer/, text_encoder/), which
+4. `decoder/`: the tokenizer's decoder refined alone (encoder and codebook frozen,
+   so no code changes and the stages before stay valid), both hybrid paths on
+   both kinds of scene -- last, so that folders made before it can add it;
+5. `model/`: the official-layout folder (llm/, tokenizer/, text_encoder/), which
    `hart_fast.HartPipeline.from_pretrained` and the official loader read.
 
 Every batch and every random draw comes from (seed, step), so a rerun from scratch
@@ -108,6 +111,15 @@ class Recipe:
     res_lr: float = 1e-3
     res_guidance_max: float = 5.0
     res_guided_weight: float = 1.0
+    # The tokenizer's decoder refined alone last (the `decoder/` stage), the encoder,
+    # codebook and phi convs frozen, so every scene keeps its codes and residual and
+    # the transformer and residual MLP trained on them stay valid. With both images
+    # of the hybrid pair interleaved over the batch: in phases 1 and 2 the
+    # continuous-latent half was always the crowded half of the stream, so that path
+    # never learnt a single small object on its background (BENCHMARKS.md, "Seventh
+    # model"). 0: no such stage.
+    dec_steps: int = 1000
+    dec_lr: float = 1e-4
     device: str = "cpu"
     autocast: Optional[str] = None      # "bfloat16" / "float16": autocast dtype of the forward passes
     # Seconds of training for all stages together; None: the step counts above.
@@ -132,8 +144,12 @@ class Recipe:
         return torch.bfloat16 if self.tok_cpu_autocast == "bfloat16" else None
 
 
+# What --stage takes, in the order "all" runs them.
+STAGES = ["tokenizer", "transformer", "residual", "decoder", "export", "all"]
+
 # The budget's share of every stage (the encode between them is not counted).
-BUDGET_SHARES = {"tokenizer": 0.45, "tokenizer_objects": 0.2, "transformer": 0.3, "residual": 0.05}
+BUDGET_SHARES = {"tokenizer": 0.45, "tokenizer_objects": 0.15, "transformer": 0.3, "residual": 0.05,
+                 "decoder": 0.05}
 
 PROFILES: Dict[str, Recipe] = {
     # The recipe of the embedded model (BENCHMARKS.md, "Sixth model"): its tokenizer
@@ -583,6 +599,51 @@ def load_residual_stage_(work: str, r: Recipe, tr, from_model: Optional[str] = N
     tr.diffloss.net.load_state_dict(ck["modules"]["diffusion"])
 
 
+def encoder_stamp(tok) -> float:
+    """A fingerprint of everything of the tokenizer but its decoder (what makes the codes)."""
+    return float(sum(p.detach().double().sum() for n, p in tok.named_parameters()
+                     if not n.startswith(DECODER_PREFIXES)))
+
+
+DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+
+
+def train_decoder_stage(work: str, r: Recipe, progress: bool = True):
+    """The tokenizer's decoder refined alone, both hybrid paths on both kinds of
+    scene (WORK/decoder/); the codes and residuals do not change."""
+    from hart_fast.train.tokenizer import TokenizerStep
+
+    check_recipe(work, r)
+    tok = load_tokenizer_stage(work, r).to(r.device).train()
+    for name, p in tok.named_parameters():
+        p.requires_grad_(name.startswith(DECODER_PREFIXES))
+    run_dir = os.path.join(work, "decoder")
+    stamp_run_dir(run_dir, "tokenizer_stamp.json", {"encoder": encoder_stamp(tok)},
+                  "refined another tokenizer's decoder")
+    with refine_images_fn(step_seed(r.seed, 0, 15) % 2**31, r.tok_batch, r.image_size, r.device) as images:
+        step = TokenizerStep(tok, images, DEMO_TOKENIZER["v_patch_nums"], object_weight=r.tok_object_weight,
+                             autocast_dtype=r.tok_autocast_dtype, mask_dilate=r.tok_mask_dilate,
+                             edge_weight=r.tok_refine_edge_weight, hybrid_split="interleave", decoder_only=True)
+        modules = {"tokenizer": tok}
+        steps = stage_steps(work, r, "decoder", r.dec_steps, lambda: seconds_per_step(modules, step))
+        train_loop(run_dir=run_dir, modules=modules, step_fn=step, steps=steps, lr=r.dec_lr, warmup=20,
+                   seed=step_seed(r.seed, 0, 16), desc="decoder", ckpt_every=100, log_every=10, progress=progress)
+    return tok
+
+
+def load_decoder_stage_(work: str, r: Recipe, tok) -> None:
+    """Load the finished decoder stage's decoder into tok (in place), refusing one
+    refined on another tokenizer's codes."""
+    ck = finished_checkpoint(work, "decoder", "decoder", r.dec_steps)
+    stamp_path = os.path.join(work, "decoder", "tokenizer_stamp.json")
+    old = json.load(open(stamp_path)) if os.path.exists(stamp_path) else None
+    if old != {"encoder": encoder_stamp(tok)}:
+        raise RuntimeError(f"the decoder stage in {work} refined another tokenizer's decoder than the one being "
+                           f"exported; rerun --stage decoder first")
+    state = ck["modules"]["tokenizer"]
+    tok.load_state_dict({k: (v if k.startswith(DECODER_PREFIXES) else tok.state_dict()[k]) for k, v in state.items()})
+
+
 DEMO_README = """# hart-demo
 
 The embedded default model of hart_fast: **a small HART trained on procedural scenes**
@@ -609,6 +670,8 @@ def export_stage(work: str, r: Recipe, out_dir: str, from_model: Optional[str] =
     tr, tok, te_dir, _ = base_models(work, r, from_model)
     if r.res_steps:
         load_residual_stage_(work, r, tr, from_model)
+    if r.dec_steps and from_model is None:
+        load_decoder_stage_(work, r, tok)
     cfg = TransformerConfig.from_dict(dict(DEMO_TRANSFORMER))
     readme = DEMO_README.format(V=tok.V, Cvae=tok.Cvae, pn=list(cfg.patch_nums), depth=cfg.depth, C=cfg.embed_dim,
                                 dw=cfg.diff_width, dd=cfg.diff_depth, D=cfg.context_dim)
@@ -619,7 +682,7 @@ def export_stage(work: str, r: Recipe, out_dir: str, from_model: Optional[str] =
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="hart_fast.train.recipe", description=__doc__.split("\n")[0])
     ap.add_argument("--work", required=True, help="folder for the stages' checkpoints and logs")
-    ap.add_argument("--stage", choices=["tokenizer", "transformer", "residual", "export", "all"], default="all")
+    ap.add_argument("--stage", choices=STAGES, default="all")
     ap.add_argument("--from-model", default=None, metavar="MODEL_DIR",
                     help="with --stage residual or export: refine the residual MLP of this exported demo-architecture "
                          "folder (its tokenizer, transformer and text encoder frozen) instead of the work folder's "
@@ -669,6 +732,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         train_transformer_stage(args.work, r, progress)
     if args.stage in ("residual", "all") and r.res_steps:
         train_residual_stage(args.work, r, progress, from_model=args.from_model)
+    if args.stage in ("decoder", "all") and r.dec_steps:
+        train_decoder_stage(args.work, r, progress)
     if args.stage in ("export", "all"):
         print(export_stage(args.work, r, args.out or os.path.join(args.work, "model"), from_model=args.from_model))
     print(f"done in {time.time() - t0:.0f} s")

@@ -113,11 +113,29 @@ class TokenizerStep:
     model was trained with; with k >= 1 the widened mask covers both sides of an
     edge anyway). Without object_weight, mask_dilate does nothing and the edge term
     is unweighted.
+
+    hybrid_split: which images decode the codes-only latent and which the
+    continuous one. "halves" (every demo model up to the seventh): the first half
+    of the batch codes-only, the second continuous -- with a stream whose two halves
+    are different kinds of scene (refine_images_fn: captioned first, crowded
+    second) each path then sees one kind only, and the continuous path never a
+    single small object on its background. "interleave": even images codes-only,
+    odd ones continuous, so both paths see both kinds. "both": every image decoded
+    from both latents (twice the decoder's work per step).
+
+    decoder_only: train the decoder (and post_quant_conv) alone: the encoder, the
+    codebook and the phi convs are frozen (the caller sets requires_grad), no VQ
+    loss and no dead-code restarts, so every image keeps the codes and the residual
+    it had -- a transformer trained on them stays valid.
     """
 
     def __init__(self, tok: HartTokenizer, images_fn, patch_nums, beta: float = 0.25, restart_every: int = 50,
                  object_weight: float = 0.0, autocast_dtype: Optional[torch.dtype] = None,
-                 mask_dilate: int = 0, edge_weight: float = 0.0):
+                 mask_dilate: int = 0, edge_weight: float = 0.0, hybrid_split: str = "halves",
+                 decoder_only: bool = False):
+        if hybrid_split not in ("halves", "interleave", "both"):
+            raise ValueError(f"hybrid_split must be 'halves', 'interleave' or 'both', got {hybrid_split!r}")
+        self.hybrid_split, self.decoder_only = hybrid_split, bool(decoder_only)
         self.tok, self.images_fn = tok, images_fn
         self.object_weight = float(object_weight)
         self.mask_dilate, self.edge_weight = int(mask_dilate), float(edge_weight)
@@ -151,6 +169,8 @@ class TokenizerStep:
         tok = self.tok
         dev = tok.quantize.embedding.weight.device
         x = self.images_fn(step).to(dev)
+        if self.decoder_only:
+            return self._decoder_only_step(x)
         with autocast_context(dev.type, self.autocast_dtype):
             f = tok.img_to_latent(x).float()
         if not self.initialised:
@@ -167,12 +187,44 @@ class TokenizerStep:
         if (step + 1) % self.restart_every == 0:
             self._seed_codes([r.detach() for r in rests], self.usage == 0)
             self.usage.zero_()
-        B = x.shape[0]
-        # HART's hybrid training: codes-only latents for one half, continuous for the
-        # other (a batch of one flips a coin per step, as the official recipe does per batch).
-        half = B // 2 if B > 1 else int(torch.rand(()) < 0.5)
-        z = torch.cat([f_hat_st[:half], f[half:]])
-        with autocast_context(dev.type, self.autocast_dtype):
+        rec_loss, mse, l1 = self._reconstruction_loss(x, self._hybrid_latent(f_hat_st, f))
+        loss = rec_loss + vq
+        with torch.no_grad():
+            used = sum((torch.bincount(i.reshape(-1), minlength=tok.V) > 0).sum() for i in idx_list[-2:])
+        return {"loss": loss, "mse": mse, "l1": l1, "vq": vq, "codes_used": used.float()}
+
+    def _hybrid_latent(self, f_hat_BChw: torch.Tensor, f_BChw: torch.Tensor) -> torch.Tensor:
+        """HART's hybrid training: the codes-only latent for half of the images, the
+        continuous one for the other half (a batch of one flips a coin per step, as
+        the official recipe does per batch); which half: hybrid_split."""
+        B = f_BChw.shape[0]
+        if self.hybrid_split == "both":
+            return torch.cat([f_hat_BChw, f_BChw])
+        if B == 1:
+            return f_hat_BChw if bool(torch.rand(()) < 0.5) else f_BChw
+        if self.hybrid_split == "halves":
+            return torch.cat([f_hat_BChw[:B // 2], f_BChw[B // 2:]])
+        odd_B = (torch.arange(B, device=f_BChw.device) % 2 == 1).view(B, 1, 1, 1)
+        return torch.where(odd_B, f_BChw, f_hat_BChw)
+
+    def _decoder_only_step(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        tok = self.tok
+        with torch.no_grad(), autocast_context(x.device.type, self.autocast_dtype):
+            f = tok.img_to_latent(x).float()
+        with torch.no_grad():
+            # Codes and residual as inference computes them; the decoder learns to draw both.
+            idx, _ = tok.latent_to_tokens(f, self.patch_nums)
+            f_hat = tok.tokens_to_latent(idx, self.patch_nums).float()
+        rec_loss, mse, l1 = self._reconstruction_loss(x, self._hybrid_latent(f_hat, f))
+        return {"loss": rec_loss, "mse": mse, "l1": l1}
+
+    def _reconstruction_loss(self, x: torch.Tensor, z: torch.Tensor):
+        """(weighted reconstruction loss, plain MSE, plain L1) of decoding latents z against x
+        (z may hold each image's latents twice: x is repeated to match)."""
+        tok = self.tok
+        if z.shape[0] != x.shape[0]:
+            x = x.repeat(z.shape[0] // x.shape[0], 1, 1, 1)
+        with autocast_context(x.device.type, self.autocast_dtype):
             rec = tok.decoder(tok.post_quant_conv(z)).float()
         mse = F.mse_loss(rec, x)
         l1 = F.l1_loss(rec, x)
@@ -195,10 +247,7 @@ class TokenizerStep:
                 gx_N3HW1, gy_N3H1W = gx_N3HW1 * w[..., :, 1:], gy_N3H1W * w[..., 1:, :]
             edge = gx_N3HW1.abs().mean() + gy_N3H1W.abs().mean()
             rec_loss = rec_loss + self.edge_weight * edge
-        loss = rec_loss + vq
-        with torch.no_grad():
-            used = sum((torch.bincount(i.reshape(-1), minlength=tok.V) > 0).sum() for i in idx_list[-2:])
-        return {"loss": loss, "mse": mse, "l1": l1, "vq": vq, "codes_used": used.float()}
+        return rec_loss, mse, l1
 
 
 __all__ = ["quantize_for_training", "object_mask", "reconstruct", "TokenizerStep", "psnr_uint8", "to_uint8"]
