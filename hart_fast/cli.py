@@ -380,6 +380,9 @@ def cmd_train(args) -> int:
             argv += ["--budget-min", str(args.budget_min)] if args.budget_min is not None else []
             argv += ["--device", args.device] if args.device else []
             argv += ["--tok-phase1", args.tok_phase1] if args.tok_phase1 else []
+            if args.tok_refine_edge_weight is not None:
+                argv += ["--tok-refine-edge-weight", str(args.tok_refine_edge_weight)]
+            argv += ["--decoder-steps", str(args.decoder_steps)] if args.decoder_steps is not None else []
             argv += ["--from-model", args.from_model] if args.from_model else []
             argv += ["--quiet"] if args.quiet else []
             return recipe.main(argv)
@@ -447,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--tok-phase1", choices=["plain", "objects"], default=None,
                     help="the tokenizer's first phase: the object-weighted crowded stream (default) or plain "
                          "captioned scenes")
+    td.add_argument("--tok-refine-edge-weight", type=float, default=None, metavar="W",
+                    help="the edge term's weight in the tokenizer's phase 2 (default 1; the seventh model's: 0)")
+    td.add_argument("--decoder-steps", type=int, default=None, metavar="N",
+                    help="steps of the decoder-only stage (default 0: none; the seventh model's: 1000)")
     td.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     tf = tsub.add_parser("finetune", help="fine-tune the transformer of an official-layout folder")
     tf.add_argument("--init", required=True, help="the HART folder to start from (with encoder weights)")

@@ -604,7 +604,7 @@ def test_the_demo_recipe_end_to_end_with_a_time_budget(tmp_path, phase1):
 
     work = str(tmp_path / "work")
     r = dataclasses.replace(recipe.PROFILES["cpu"], tok_batch=2, tr_scenes=12, res_scenes=8, tr_batch=4,
-                            budget_s=1e-3, min_planned_steps=2, tok_phase1=phase1)
+                            budget_s=1e-3, min_planned_steps=2, tok_phase1=phase1, dec_steps=1)
     recipe.train_tokenizer_stage(work, r, progress=False)
     recipe.train_transformer_stage(work, r, progress=False)
     tr_ck = torch.load(os.path.join(work, "transformer", "checkpoint.pt"), weights_only=False)["modules"]
@@ -824,7 +824,7 @@ def test_a_folder_from_before_the_tokenizer_loss_terms_keeps_its_loss(tmp_path):
         json.dump(old, f)
     with pytest.raises(ValueError, match=r"tok_edge_weight=0.0 \(now 1.0\), tok_mask_dilate=0 \(now 2\)"):
         recipe.check_recipe(work, r)
-    legacy = dataclasses.replace(r, tok_mask_dilate=0, tok_edge_weight=0.0)
+    legacy = dataclasses.replace(r, tok_mask_dilate=0, tok_edge_weight=0.0, tok_refine_edge_weight=0.0)
     recipe.check_recipe(work, legacy)
     recipe.check_recipe(work, dataclasses.replace(legacy, tok_cpu_autocast="none"))
     with open(os.path.join(work, "recipe.json")) as f:
@@ -842,8 +842,8 @@ def test_a_folder_of_the_sixth_model_keeps_its_phase_two_edge_term(tmp_path):
 
     work = str(tmp_path / "w")
     os.makedirs(work)
-    r = recipe.Recipe()
-    assert r.tok_edge_weight > 0 and r.tok_refine_edge_weight == 0
+    r = dataclasses.replace(recipe.Recipe(), tok_refine_edge_weight=0.0)   # the seventh model's
+    assert r.tok_edge_weight == 1.0
     old = {k: v for k, v in dataclasses.asdict(r).items()
            if k not in recipe.RESUMABLE_ACROSS and k != "tok_refine_edge_weight"}
     with open(os.path.join(work, "recipe.json"), "w") as f:

@@ -19,7 +19,7 @@ after a kill and it carries on):
    on the same target under the caption and the unconditional input and on the
    guided combination of the two (inference guides the MLP; trained only jointly,
    its guided draws came out too large and shifted object colours);
-4. `decoder/`: the tokenizer's decoder refined alone (encoder and codebook frozen,
+4. `decoder/` (with --decoder-steps N, off by default): the decoder refined alone (encoder and codebook frozen,
    so no code changes and the stages before stay valid), both hybrid paths on
    both kinds of scene -- last, so that folders made before it can add it;
 5. `model/`: the official-layout folder (llm/, tokenizer/, text_encoder/), which
@@ -83,11 +83,13 @@ class Recipe:
     # model"). A "plain" first phase uses neither, as it uses no object weight.
     tok_mask_dilate: int = 2
     tok_edge_weight: float = 1.0
-    # The edge term of phase 2 alone. 0 since the seventh model: the edge term sharpens
-    # small shapes but pulls colours off (a probe: 400 steps without it after the
-    # sixth model's tokenizer, codes' object colour 94.5% -> 98.4%; BENCHMARKS.md,
-    # "Sixth model"), so phase 1 learns the edges and phase 2 the colours.
-    tok_refine_edge_weight: float = 0.0
+    # The edge term of phase 2 alone; the default is the embedded (sixth) model's. The
+    # edge term sharpens small shapes but pulls colours off (a probe: 400 steps
+    # without it after the sixth model's tokenizer, codes' object colour 94.5% ->
+    # 98.4%), so the seventh model trained phase 2 with 0 (`--tok-refine-edge-weight
+    # 0`): its tokenizer's colours came back, its generated images did not improve
+    # overall (BENCHMARKS.md, "Seventh model"), so it is not embedded.
+    tok_refine_edge_weight: float = 1.0
     # Autocast of the tokenizer stage on a CPU: "auto" is bfloat16 where the CPU has it
     # natively (AVX512-BF16 / AMX: twice the float32 step rate there) and float32
     # elsewhere; "bfloat16" or "none" force it. A GPU profile's `autocast` wins.
@@ -117,8 +119,9 @@ class Recipe:
     # of the hybrid pair interleaved over the batch: in phases 1 and 2 the
     # continuous-latent half was always the crowded half of the stream, so that path
     # never learnt a single small object on its background (BENCHMARKS.md, "Seventh
-    # model"). 0: no such stage.
-    dec_steps: int = 1000
+    # model"). 0: no such stage (the embedded sixth model had none; the seventh model
+    # trained 1,000 steps: `--decoder-steps 1000`).
+    dec_steps: int = 0
     dec_lr: float = 1e-4
     device: str = "cpu"
     autocast: Optional[str] = None      # "bfloat16" / "float16": autocast dtype of the forward passes
@@ -640,8 +643,9 @@ def load_decoder_stage_(work: str, r: Recipe, tok) -> None:
     if old != {"encoder": encoder_stamp(tok)}:
         raise RuntimeError(f"the decoder stage in {work} refined another tokenizer's decoder than the one being "
                            f"exported; rerun --stage decoder first")
-    state = ck["modules"]["tokenizer"]
-    tok.load_state_dict({k: (v if k.startswith(DECODER_PREFIXES) else tok.state_dict()[k]) for k, v in state.items()})
+    mine = tok.state_dict()
+    tok.load_state_dict({k: (v if k.startswith(DECODER_PREFIXES) else mine[k])
+                         for k, v in ck["modules"]["tokenizer"].items()})
 
 
 DEMO_README = """# hart-demo
@@ -698,6 +702,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--tok-phase1", choices=["plain", "objects"], default=None,
                     help="the tokenizer's first phase: the object-weighted crowded stream (both profiles' default) "
                          "or plain captioned scenes (the first embedded model's first phase); default: the profile's")
+    ap.add_argument("--tok-refine-edge-weight", type=float, default=None, metavar="W",
+                    help="the edge term's weight in the tokenizer's phase 2 (default: the profile's, 1; the seventh "
+                         "model's recipe: 0)")
+    ap.add_argument("--decoder-steps", type=int, default=None, metavar="N",
+                    help="steps of the decoder-only stage (default: the profile's, 0: none; the seventh model's "
+                         "recipe: 1000)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -712,6 +722,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         r = dataclasses.replace(r, device=args.device)
     if args.tok_phase1:
         r = dataclasses.replace(r, tok_phase1=args.tok_phase1)
+    if args.tok_refine_edge_weight is not None:
+        if not args.tok_refine_edge_weight >= 0:
+            ap.error(f"--tok-refine-edge-weight must be >= 0, got {args.tok_refine_edge_weight}")
+        r = dataclasses.replace(r, tok_refine_edge_weight=args.tok_refine_edge_weight)
+    if args.decoder_steps is not None:
+        if args.decoder_steps < 0:
+            ap.error(f"--decoder-steps must be >= 0, got {args.decoder_steps}")
+        r = dataclasses.replace(r, dec_steps=args.decoder_steps)
     if torch.device(r.device).type == "cuda":
         if not torch.cuda.is_available():
             ap.error(f"--profile {args.profile} trains on {r.device}, but this machine has no CUDA device; "
