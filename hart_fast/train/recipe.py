@@ -150,8 +150,9 @@ class Recipe:
 # What --stage takes, in the order "all" runs them.
 STAGES = ["tokenizer", "transformer", "residual", "decoder", "export", "all"]
 
-# The budget's share of every stage (the encode between them is not counted).
-BUDGET_SHARES = {"tokenizer": 0.45, "tokenizer_objects": 0.15, "transformer": 0.3, "residual": 0.05,
+# The budget's share of every stage (the encode between them is not counted); the
+# optional decoder stage (dec_steps > 0) adds its share on top.
+BUDGET_SHARES = {"tokenizer": 0.45, "tokenizer_objects": 0.2, "transformer": 0.3, "residual": 0.05,
                  "decoder": 0.05}
 
 PROFILES: Dict[str, Recipe] = {
